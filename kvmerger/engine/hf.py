@@ -1,0 +1,401 @@
+"""Everything that depends on transformers' internals, in one place (written for transformers 5.24).
+
+* `CompressedLayer` / `CompressedCache`: a cache whose layers keep *tokens seen* (RoPE positions,
+  `generate()`'s input slicing) apart from *slots stored* (mask sizes), plus an optional additive
+  logit bias per stored slot and KV head.
+* The attention function registered as ``"kvmerger"``: transformers' own sdpa path, with the
+  per-slot bias added, and the hook through which a compression session sees each layer's query
+  and key states once, right after the prompt's prefill attention of that layer.
+* `check_supported` / `install_session`: which models the engine can drive, and the forward
+  pre-hook that gives `generate()`'s cache our layers.
+
+Nothing else in the package imports transformers' private modules.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+if TYPE_CHECKING:
+    from kvmerger.engine.session import CompressionSession
+
+ATTENTION_NAME = "kvmerger"
+
+
+class UnsupportedModelError(ValueError):
+    """The model lacks something the compression engine needs; the message says what."""
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+class CompressedLayer(DynamicLayer):
+    """A `DynamicLayer` whose stored slots may be fewer than the tokens it has seen.
+
+    `get_seq_length()` returns the tokens seen, which transformers uses for the positions of new
+    tokens; `get_mask_sizes()` describes the stored slots, shifted so that every stored slot lies
+    before the first new query and is therefore visible to it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen_tokens = 0
+        self.slot_bias: torch.Tensor | None = None  # [batch, kv_heads, slots], float32
+        self.compressed_slots = 0  # slots right after the last compression (0: never compressed)
+        self.prefill_pending = False
+
+    # -- what transformers asks ----------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot_bias is not None and active_session() is None:
+            raise RuntimeError(
+                "This kvmerger cache holds per-slot attention biases, which only kvmerger's attention "
+                "function applies. Run the model inside `kvmerger.compress(model, method)`."
+            )
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new_tokens = key_states.shape[-2]
+        if self.slot_bias is not None:
+            pad = self.slot_bias.new_zeros(*self.slot_bias.shape[:-1], new_tokens)
+            self.slot_bias = torch.cat([self.slot_bias, pad], dim=-1)
+        session = active_session()
+        self.prefill_pending = (
+            session is not None and self.seen_tokens == 0 and new_tokens > 1 and session.handles_prefill
+        )
+        self.seen_tokens += new_tokens
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_slots
+        return stored + query_length, self.seen_tokens - stored
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("CompressedLayer.crop takes a negative count of tokens to remove")
+        remove = -tokens_to_remove
+        appended = self.stored_slots - self.compressed_slots if self.compressed_slots else self.stored_slots
+        if remove > appended:
+            raise ValueError(
+                f"cannot crop {remove} tokens: only the {appended} tokens appended after compression can be removed"
+            )
+        super().crop(tokens_to_remove)
+        if remove and self.slot_bias is not None:
+            self.slot_bias = self.slot_bias[..., :-remove]
+        self.seen_tokens -= remove
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+        self.slot_bias = None
+        self.compressed_slots = 0
+        self.prefill_pending = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias[indices, ...]
+
+    # -- what the engine asks ------------------------------------------------------------------
+    @property
+    def stored_slots(self) -> int:
+        if not self.is_initialized or self.keys.numel() == 0:
+            return 0
+        return self.keys.shape[-2]
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Swap the stored tensors for compressed ones; the tokens seen stay as they are."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.slot_bias = None if bias is None else bias.float()
+        self.compressed_slots = keys.shape[-2]
+        self.prefill_pending = False
+
+    def nbytes(self) -> int:
+        """Bytes of the stored keys, values and per-slot biases."""
+        if not self.is_initialized:
+            return 0
+        total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        if self.slot_bias is not None:
+            total += self.slot_bias.numel() * self.slot_bias.element_size()
+        return total
+
+
+class CompressedCache(Cache):
+    """A cache of `CompressedLayer`s, one per decoder layer; pass it to `model(...)` or `generate()`."""
+
+    def __init__(self, config: Any = None, num_layers: int | None = None) -> None:
+        if config is not None:
+            num_layers = _full_attention_layer_count(config)
+        if num_layers is None:
+            super().__init__(layer_class_to_replicate=CompressedLayer)
+        else:
+            super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+
+    @classmethod
+    def from_tensors(
+        cls,
+        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        seen_tokens: int,
+    ) -> CompressedCache:
+        """A cache holding the given (keys, values, bias) per layer, having seen `seen_tokens`."""
+        cache = cls(num_layers=len(layers))
+        for layer, (keys, values, bias) in zip(cache.layers, layers, strict=True):
+            layer.replace(keys, values, bias)
+            layer.seen_tokens = seen_tokens
+            layer.compressed_slots = keys.shape[-2] if keys.shape[-2] < seen_tokens else 0
+        return cache
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def slots(self) -> list[int]:
+        return [layer.stored_slots for layer in self.layers]
+
+
+def _full_attention_layer_count(config: Any) -> int:
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = _layer_types(text_config)
+    unsupported = [(i, kind) for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if unsupported:
+        listed = ", ".join(f"layer {i}: {kind}" for i, kind in unsupported[:6])
+        hint = ""
+        if any(kind == "sliding_attention" for _, kind in unsupported):
+            hint = (
+                f" (sliding_window={getattr(text_config, 'sliding_window', None)}; if your prompts and answers fit in "
+                "that window, set `model.config.sliding_window = None` and every layer becomes full attention)"
+            )
+        raise UnsupportedModelError(
+            f"kvmerger compresses full-attention layers only, and this model has other kinds: {listed}{hint}"
+        )
+    return len(layer_types)
+
+
+def _layer_types(text_config: Any) -> list[str]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(text_config)
+    return list(layer_types)
+
+
+# --------------------------------------------------------------------------------------------
+# The session that is active (one per thread of control)
+# --------------------------------------------------------------------------------------------
+
+_ACTIVE_SESSION: contextvars.ContextVar[CompressionSession | None] = contextvars.ContextVar(
+    "kvmerger_active_session", default=None
+)
+
+
+def active_session() -> CompressionSession | None:
+    return _ACTIVE_SESSION.get()
+
+
+@contextmanager
+def activated(session: CompressionSession) -> Iterator[None]:
+    token = _ACTIVE_SESSION.set(session)
+    try:
+        yield
+    finally:
+        _ACTIVE_SESSION.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
+# The registered attention function
+# --------------------------------------------------------------------------------------------
+
+
+def kvmerger_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, plus per-slot biases and the session's per-layer hooks.
+
+    query: [batch, q_heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]
+    (post-RoPE, exactly as the cache returned them).
+    """
+    session = active_session()
+    layer = session.layer_for(module, key) if session is not None else None
+    position_bias = _query_head_bias(layer.slot_bias, query) if layer is not None else None
+    if layer is not None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = _mask_for_length(attention_mask, key.shape[-2])
+    output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=position_bias, **kwargs
+    )
+    if layer is not None:
+        session.after_attention(layer, module, query, key, value, scaling or module.scaling)
+    return output, None
+
+
+def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Resize the model's mask, built for layer 0's slot count, to a layer holding `kv_length` slots.
+
+    transformers builds one mask for all layers from layer 0's sizes; layers compressed to other
+    lengths (paper mode) need their own. With no padding and full attention (both checked when a
+    session starts) every stored slot is visible and the new tokens keep their causal block.
+    """
+    new_tokens = mask.shape[-2]
+    stored = kv_length - new_tokens
+    visible = torch.ones(*mask.shape[:-1], stored, dtype=torch.bool, device=mask.device)
+    if mask.dtype != torch.bool:
+        visible = torch.zeros(visible.shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask[..., -new_tokens:]], dim=-1)
+
+
+def _query_head_bias(slot_bias: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """[batch, kv_heads, slots] -> [batch, q_heads, 1, slots], in the query's dtype.
+
+    All-zero biases are skipped, so that such a cache runs exactly the plain sdpa path.
+    """
+    if slot_bias is None or not bool(slot_bias.any()):
+        return None
+    group = query.shape[1] // slot_bias.shape[1]
+    return slot_bias.repeat_interleave(group, dim=1).unsqueeze(2).to(query.dtype)
+
+
+def register_attention() -> None:
+    """Make ``attn_implementation="kvmerger"`` known to transformers (idempotent)."""
+    ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, kvmerger_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Models: what we support, and how a session attaches to one
+# --------------------------------------------------------------------------------------------
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise `UnsupportedModelError` naming what is missing if the engine cannot drive `model`."""
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; kvmerger handles decoder-only models")
+    if not model._can_set_attn_implementation() or not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} does not dispatch its attention through transformers' AttentionInterface "
+            "(`_supports_attention_backend`), so kvmerger cannot see its query and key states"
+        )
+    text_config = config.get_text_config(decoder=True)
+    for field in ("num_attention_heads", "num_hidden_layers"):
+        if getattr(text_config, field, None) is None:
+            raise UnsupportedModelError(f"{name}'s config has no `{field}`")
+    _full_attention_layer_count(config)
+    if not attention_modules(model):
+        raise UnsupportedModelError(f"{name} has no attention modules with a `layer_idx` attribute")
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "scaling")
+    ]
+
+
+@contextmanager
+def install_session(model: PreTrainedModel, session: CompressionSession) -> Iterator[None]:
+    """Route `model`'s attention through kvmerger and give every forward pass a kvmerger cache.
+
+    On exit the attention implementation and the hooks are restored, whatever happened inside.
+    """
+    register_attention()
+    previous = model.config._attn_implementation
+    handle = model.register_forward_pre_hook(_make_pre_hook(session), with_kwargs=True)
+    post = model.register_forward_hook(_make_post_hook(session), with_kwargs=True)
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with activated(session):
+            yield
+    finally:
+        handle.remove()
+        post.remove()
+        model.set_attn_implementation(previous)
+
+
+def _make_pre_hook(session: CompressionSession) -> Callable:
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        _check_no_padding(kwargs.get("attention_mask"))
+        key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
+        cache = kwargs.get(key)
+        use_cache = kwargs.get("use_cache", module.config.use_cache)
+        if cache is None and use_cache is not False:
+            cache = CompressedCache(module.config)
+        if cache is not None:
+            cache = _as_compressed_cache(cache, module.config)
+            kwargs[key] = cache
+        session.begin_forward(cache, None if inputs is None else inputs.shape[1])
+        return args, kwargs
+
+    return pre_hook
+
+
+def _make_post_hook(session: CompressionSession) -> Callable:
+    def post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        session.end_forward()
+        return output
+
+    return post_hook
+
+
+def _check_no_padding(attention_mask: torch.Tensor | None) -> None:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "padded batches are not supported yet: kvmerger compresses sequences of equal length "
+            "(an attention_mask of all ones). Compress one sequence at a time, or batch prompts of equal length."
+        )
+
+
+def _as_compressed_cache(cache: Cache, config: Any) -> Cache:
+    """Give an empty transformers cache kvmerger layers, in place, so callers' references stay valid."""
+    if isinstance(cache, CompressedCache) or all(isinstance(layer, CompressedLayer) for layer in cache.layers):
+        if cache.layer_class_to_replicate is not None:
+            cache.layer_class_to_replicate = CompressedLayer
+        return cache
+    if type(cache) is not DynamicCache:
+        raise ValueError(
+            f"kvmerger cannot compress a {type(cache).__name__}; pass a kvmerger.CompressedCache, a DynamicCache "
+            "or no cache at all"
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            "the DynamicCache passed in already holds tokens; start from an empty cache (or a CompressedCache) so "
+            "that kvmerger can compress the prompt"
+        )
+    cache.layers = [CompressedLayer() for _ in range(_full_attention_layer_count(config))]
+    cache.layer_class_to_replicate = None
+    return cache

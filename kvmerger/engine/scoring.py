@@ -1,0 +1,143 @@
+"""Attention statistics for scoring, computed from one layer's own query and key states.
+
+The model runs with sdpa, which never returns attention probabilities, and asking transformers for
+`output_attentions` materialises every [T, T] matrix at once (19 GiB at 4k tokens on the default
+model). Here the probabilities are recomputed in query chunks, in float32, with the causal mask:
+memory stays O(chunk x T) per head.
+
+Grouped-query attention stays native: scores are returned per KV head, averaged over the query
+heads that share it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+DEFAULT_CHUNK = 128  # queries per chunk; 64-256 measured alike on 2 CPU cores, larger is slower
+
+
+def attention_column_sums(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, first_query: int = 0, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Attention each key receives, summed over query rows [first_query, T), causal softmax.
+
+    query: [B, Hq, T, d]; key: [B, Hkv, T, d]. Returns [B, Hkv, T] float32, averaged over the
+    query heads of each KV head. Works in chunks of query rows against the keys they can see, so
+    the largest intermediate is [B, Hq, chunk, T].
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, T]
+    total = torch.zeros(batch, kv_heads, 1, length, dtype=torch.float32, device=key.device)
+    for start in range(first_query, length, chunk):
+        end = min(length, start + chunk)
+        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end])  # [B, Hkv, g, c, end]
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=key.device).triu_(1)
+        logits[..., start:end].masked_fill_(future, float("-inf"))  # keys before `start` are all visible
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        inverse_norm = logits.sum(dim=-1).reciprocal_()  # [B, Hkv, g, c]
+        # sum over the chunk's queries of exp / norm, as one matrix product per head
+        total[..., :end] += torch.matmul(inverse_norm.unsqueeze(-2), logits).sum(dim=2)
+    return (total / group).squeeze(2)
+
+
+def aggregated_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """H2O's score: for each key, the attention it received summed over all queries. [B, Hkv, T]."""
+    return attention_column_sums(query, key, scaling, 0, chunk)
+
+
+def window_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Attention each key received from the last `window` queries, summed over them. [B, Hkv, T].
+
+    SnapKV's observation window; TOVA's last query with window=1.
+    """
+    return attention_column_sums(query, key, scaling, max(0, query.shape[-2] - window), chunk)
+
+
+class LayerScores:
+    """The statistics a method may ask about one layer, computed on first request and kept.
+
+    Built from the layer's query states [B, Hq, T, d] and key states [B, Hkv, T, d] (post-RoPE, as
+    the attention saw them), so that several methods compressing the same prefill share the work.
+    """
+
+    def __init__(
+        self, query: torch.Tensor | None, key: torch.Tensor, scaling: float, chunk: int = DEFAULT_CHUNK
+    ) -> None:
+        if query is not None and query.shape[1] % key.shape[1]:
+            raise ValueError(f"{query.shape[1]} query heads do not group evenly over {key.shape[1]} KV heads")
+        self.query = query
+        self.key = key
+        self.scaling = scaling
+        self.chunk = chunk
+        self._memo: dict[tuple, torch.Tensor] = {}
+        self.seconds = 0.0  # time spent computing statistics, for the reports
+
+    @classmethod
+    def precomputed(
+        cls,
+        key: torch.Tensor,
+        aggregated: torch.Tensor | None = None,
+        windows: dict[int, torch.Tensor] | None = None,
+    ) -> LayerScores:
+        """Statistics given from outside (tests, analyses); asking for any other raises."""
+        scores = cls(None, key, 1.0)
+        if aggregated is not None:
+            scores._memo[("aggregated",)] = aggregated
+        for window, values in (windows or {}).items():
+            scores._memo[("window", window)] = values
+        return scores
+
+    def _memoised(self, name: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if name not in self._memo:
+            if self.query is None:
+                raise ValueError(f"these scores were given precomputed and do not include {name[0]!r}")
+            start = time.perf_counter()
+            self._memo[name] = compute()
+            _synchronize(self.key.device)
+            self.seconds += time.perf_counter() - start
+        return self._memo[name]
+
+    def aggregated_attention(self) -> torch.Tensor:
+        """[B, Hkv, T]: attention each key received, summed over all prompt queries."""
+        return self._memoised(
+            ("aggregated",), lambda: aggregated_attention(self.query, self.key, self.scaling, self.chunk)
+        )
+
+    def window_attention(self, window: int) -> torch.Tensor:
+        """[B, Hkv, T]: attention each key received from the last `window` queries, summed."""
+        return self._memoised(
+            ("window", window), lambda: window_attention(self.query, self.key, self.scaling, window, self.chunk)
+        )
+
+    def query_sample(self, count: int, seed: int = 0) -> torch.Tensor:
+        """[B, Hkv, group * count', d]: up to `count` prompt queries per query head (the last one always
+        included), grouped by the KV head they attend with; drawn once per layer with `seed`."""
+
+        def draw() -> torch.Tensor:
+            batch, q_heads, length, dim = self.query.shape
+            kv_heads = self.key.shape[1]
+            generator = torch.Generator().manual_seed(seed)
+            if count >= length:
+                rows = torch.arange(length)
+            else:
+                rows = torch.randperm(length - 1, generator=generator)[: count - 1].sort().values
+                rows = torch.cat([rows, torch.tensor([length - 1])])
+            picked = self.query[:, :, rows.to(self.query.device)]
+            return picked.reshape(batch, kv_heads, -1, dim)
+
+        return self._memoised(("queries", count, seed), draw)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

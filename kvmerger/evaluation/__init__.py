@@ -1,0 +1,1 @@
+"""Offline evaluation: tasks, metrics, the runner, plots and reports."""

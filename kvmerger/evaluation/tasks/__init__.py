@@ -1,0 +1,1 @@
+"""Evaluation tasks: each builds samples (context, question, answers) from shipped data and a seed."""

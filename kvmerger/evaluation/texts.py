@@ -1,0 +1,40 @@
+"""The texts shipped with the package (see kvmerger/data/README.md for sources and licences)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n")
+
+
+def data_path(*parts: str) -> Path:
+    """Path of a file shipped in kvmerger/data."""
+    return Path(str(resources.files("kvmerger").joinpath("data", *parts)))
+
+
+@lru_cache(maxsize=1)
+def essays() -> str:
+    """The Paul Graham essays concatenated in sorted file order (the standard NIAH haystack)."""
+    folder = data_path("paul_graham")
+    return "".join(path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt")))
+
+
+@lru_cache(maxsize=1)
+def shakespeare() -> str:
+    return data_path("shakespeare", "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def previous_sentence_end(text: str, index: int) -> int:
+    """The index just after the last sentence end at or before `index` (0 if there is none)."""
+    best = max(text.rfind(end, 0, index + 1) for end in SENTENCE_ENDS)
+    return 0 if best < 0 else best + 2
+
+
+def cut_to_tokens(tokenizer, text: str, tokens: int) -> str:
+    """The longest prefix of `text` that encodes to at most `tokens` tokens, ending at a token boundary."""
+    ids = tokenizer(text[: tokens * 8], add_special_tokens=False).input_ids
+    if len(ids) < tokens:
+        raise ValueError(f"the text has only {len(ids)} tokens, fewer than the {tokens} asked for")
+    return tokenizer.decode(ids[:tokens])

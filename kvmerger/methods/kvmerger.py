@@ -1,0 +1,311 @@
+"""KVMerger: adaptive KV cache merging of adjacent tokens with similar keys.
+
+Paper: Zheng Wang, Boxiao Jin, Zhongzhi Yu, Minjia Zhang, "Model Tells You Where to Merge: Adaptive
+KV Cache Merging for LLMs on Long-Context Tasks", arXiv 2407.08454 (2024). No official code exists;
+this follows docs/METHOD.md section 2, which rebuilt the method from the paper.
+
+Per layer and KV head, once the prompt is prefilled (keys post-RoPE, as the cache holds them):
+
+1. Protected tokens: the most recent ``floor(recent_ratio * T)`` tokens, and among the rest the
+   ``floor(topk_ratio * T)`` with the highest aggregated attention (H2O's score, averaged over the
+   query heads of the KV head), are kept as they are, never merged, and break merging chains.
+2. Merging sets: maximal runs of consecutive unprotected tokens whose adjacent keys are similar
+   (cosine). Mode ``paper``: every adjacent pair with ``cos > eps`` (Algorithm 1, eps = 0.75);
+   the achieved size is whatever the text gives, and heads of one layer are padded to the longest
+   (padding slots carry a -inf logit bias and count against the memory). Mode ``exact`` (default):
+   the ``T - ceil(budget * T)`` most similar eligible adjacent pairs, so every head keeps exactly the
+   budget; this is Algorithm 1 with the threshold set to the similarity that meets the budget.
+   A token in no set is a singleton and is kept unchanged (never evicted).
+3. Gaussian-kernel merge of each set S: pivot ``p = argmax_{i in S} A[i]`` (ties: the later token);
+   ``g_i = exp(-||k_i - k_p||^2 / (2 sigma^2))``, ``w_i = g_i / sum_j g_j``; merged key
+   ``sum_i w_i k_i`` and merged value ``sum_i w_i v_i``, stored at the pivot's place (no re-rotation).
+
+Choices where the paper is silent or uncertain (each one a parameter):
+
+* ``sigma=None`` (default): ``sigma = mean_{i in S} ||k_i - k_p|| / sqrt(2)``, the mean taken over all
+  members (the pivot's own distance 0 included), floored at 1e-6 of the row's largest |key|. The
+  printed formula is circular; a number sets a fixed sigma (the paper reports ~5 on Llama-2).
+* ``scale_values_by_set_size=False`` (default): the paper, as its readers report it, multiplies the
+  value weights by |S|. A merged slot is still one term of the softmax, so that factor inflates the
+  slot's output |S|-fold with nothing in the denominator to match (measured: perplexity 22.5 -> 74.5
+  at budget 0.35 on the default model). Kept as a flag to reproduce the paper.
+* Protected fractions: ``None`` takes the paper's settings, 0.17 / 0.12 at budget 0.5 and
+  0.08 / 0.02 at 0.35; other budgets interpolate linearly through (0, 0, 0), (0.35, ...), (0.5, ...)
+  and scale in proportion to budget / 0.5 above 0.5.
+* ``exact`` mode when protection leaves no room: with ``S`` slots, ``n_recent <= S - 1`` and
+  ``n_topk <= (S - n_recent - 1) // 2`` guarantee every head can reach exactly ``S`` slots (each
+  unprotected run needs at least one slot, and top-k tokens split at most n_topk + 1 runs); top-k
+  protection shrinks first, then the recent window, and the statistics say so.
+* Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
+* Numerics: everything in float32 on keys and values rescaled by their row's largest magnitude, so
+  zero-norm keys, identical keys, a sigma that would be 0, bf16 and huge inputs give finite results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, top_indices
+
+MODES = ("exact", "paper")
+SIGMA_FLOOR = 1e-6  # in units of the row's largest |key|
+_PAPER_POINTS = ((0.0, 0.0, 0.0), (0.35, 0.08, 0.02), (0.5, 0.17, 0.12))
+
+
+def paper_protection(budget: float) -> tuple[float, float]:
+    """(recent_ratio, topk_ratio) of the paper's settings, interpolated to any budget."""
+    if budget >= 0.5:
+        return 0.17 * budget / 0.5, 0.12 * budget / 0.5
+    for (b0, r0, t0), (b1, r1, t1) in zip(_PAPER_POINTS, _PAPER_POINTS[1:]):
+        if budget <= b1:
+            share = (budget - b0) / (b1 - b0)
+            return r0 + share * (r1 - r0), t0 + share * (t1 - t0)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class MergingSets:
+    """Which tokens fold together, for a batch of rows (one row per batch element and KV head)."""
+
+    segment: torch.Tensor  # [N, T] long: index of the set (= output slot) each token belongs to
+    count: torch.Tensor  # [N] long: number of sets (slots) per row
+    protected: torch.Tensor  # [N, T] bool
+    merged_pairs: torch.Tensor  # [N, T-1] bool: pair (t, t+1) is in one set
+    similarity: torch.Tensor  # [N, T-1] float32: cos(k_t, k_{t+1})
+    n_recent: int
+    n_topk: int
+    protection_shrunk: bool
+
+
+@dataclass
+class KVMerger(CompressionMethod):
+    """Merge runs of adjacent tokens with similar keys into one slot each (Wang et al., 2024)."""
+
+    name: ClassVar[str] = "kvmerger"
+    summary: ClassVar[str] = "KVMerger (Wang et al. 2024): Gaussian-kernel merging of adjacent similar keys"
+
+    budget: float = 0.5
+    mode: str = "exact"
+    eps: float = 0.75
+    recent_ratio: float | None = None
+    topk_ratio: float | None = None
+    sigma: float | None = None
+    scale_values_by_set_size: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not -1.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps is a cosine similarity threshold and must be in [-1, 1], got {self.eps}")
+        for field_name in ("recent_ratio", "topk_ratio"):
+            value = getattr(self, field_name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{field_name} must be in [0, 1], got {value}")
+        if self.sigma is not None and not self.sigma > 0:
+            raise ValueError(f"sigma must be a positive number (or None for the distance-based rule), got {self.sigma}")
+        recent, topk = self.protection()
+        if self.mode == "exact" and self.budget < 1.0 and recent + topk >= self.budget:
+            raise ValueError(
+                f"recent_ratio + topk_ratio = {recent + topk:g} leaves no room within budget {self.budget:g}: "
+                "protected tokens alone would fill the cache; lower them below the budget"
+            )
+        if recent + topk > 1.0:
+            raise ValueError(f"recent_ratio + topk_ratio = {recent + topk:g} exceeds 1")
+
+    def keeps_budget(self) -> bool:
+        return self.mode == "exact"
+
+    def protection(self) -> tuple[float, float]:
+        recent, topk = paper_protection(self.budget)
+        return (
+            recent if self.recent_ratio is None else self.recent_ratio,
+            topk if self.topk_ratio is None else self.topk_ratio,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def identify(self, keys: torch.Tensor, attention: torch.Tensor, slots: int) -> MergingSets:
+        """Merging-set identification (Algorithm 1) on rows of keys [N, T, d] with scores [N, T]."""
+        length = keys.shape[1]
+        recent_ratio, topk_ratio = self.protection()
+        n_recent = _floor_count(recent_ratio, length)
+        n_topk = min(_floor_count(topk_ratio, length), length - n_recent)
+        shrunk = False
+        if self.mode == "exact" and slots < length:
+            n_recent, n_topk, shrunk = _fit_protection(n_recent, n_topk, slots)
+        protected = protected_tokens(attention, n_recent, n_topk)
+        similarity = adjacent_similarity(keys)
+        eligible = ~protected[:, 1:] & ~protected[:, :-1]
+        if self.mode == "paper":
+            merged = eligible & (similarity > self.eps)
+        else:
+            merged = most_similar_pairs(similarity, eligible, max(0, length - slots))
+        segment = segment_ids(merged)
+        return MergingSets(
+            segment=segment,
+            count=segment[:, -1] + 1,
+            protected=protected,
+            merged_pairs=merged,
+            similarity=similarity,
+            n_recent=n_recent,
+            n_topk=n_topk,
+            protection_shrunk=shrunk,
+        )
+
+    def compress(self, layer: LayerInput) -> LayerOutput:
+        batch, heads, length, dim = layer.keys.shape
+        rows = batch * heads
+        keys = layer.keys.reshape(rows, length, dim)
+        values = layer.values.reshape(rows, length, layer.values.shape[-1])
+        attention = layer.scores.aggregated_attention().reshape(rows, length)
+        sets = self.identify(keys, attention, layer.slots)
+        merged_keys, merged_values, positions, sizes = gaussian_merge(
+            keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size
+        )
+        slots = merged_keys.shape[1]
+        bias = None
+        if bool((sets.count != slots).any()):  # paper mode: heads differ in length, pad and mask
+            bias = torch.zeros(rows, slots, device=keys.device).masked_fill(sizes == 0, float("-inf"))
+            bias = bias.reshape(batch, heads, slots)
+        chosen = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
+        return LayerOutput(
+            keys=merged_keys.reshape(batch, heads, slots, dim),
+            values=merged_values.reshape(batch, heads, slots, -1),
+            positions=positions.reshape(batch, heads, slots),
+            set_sizes=sizes.reshape(batch, heads, slots),
+            bias=bias,
+            notes={
+                "n_recent": sets.n_recent,
+                "n_topk": sets.n_topk,
+                "protection_shrunk": sets.protection_shrunk,
+                "real_slots_mean": float(sets.count.float().mean()),
+                "weakest_merged_similarity": float(chosen[chosen.isfinite()].mean()) if chosen.isfinite().any() else None,
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The steps, vectorised over rows (no loop over tokens or heads)
+# --------------------------------------------------------------------------------------------
+
+
+def _floor_count(ratio: float, length: int) -> int:
+    return int(math.floor(ratio * length + 1e-9))
+
+
+def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, bool]:
+    fitted_recent = min(n_recent, slots - 1)
+    fitted_topk = min(n_topk, max(0, (slots - fitted_recent - 1) // 2))
+    return fitted_recent, fitted_topk, (fitted_recent, fitted_topk) != (n_recent, n_topk)
+
+
+def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> torch.Tensor:
+    """[N, T] bool: the last `n_recent` tokens and the `n_topk` highest-attention others."""
+    length = attention.shape[-1]
+    protected = torch.zeros_like(attention, dtype=torch.bool)
+    if n_recent:
+        protected[:, length - n_recent :] = True
+    if n_topk:
+        candidates = attention.float().masked_fill(protected, float("-inf"))
+        protected.scatter_(1, top_indices(candidates, n_topk), True)
+    return protected
+
+
+def adjacent_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """[N, T-1] float32: cosine similarity of each key with the next (0 where a key has norm 0)."""
+    scaled = keys.float() / keys.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+    unit = scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (unit[:, 1:] * unit[:, :-1]).sum(dim=-1).clamp(-1.0, 1.0)
+
+
+def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
+    """[N, T-1] bool: the `count` most similar eligible pairs per row (ties: the later pair)."""
+    merged = torch.zeros_like(eligible)
+    if count:
+        ranked = similarity.masked_fill(~eligible, float("-inf"))
+        merged.scatter_(1, top_indices(ranked, count), True)
+        merged &= eligible
+    return merged
+
+
+def segment_ids(merged_pairs: torch.Tensor) -> torch.Tensor:
+    """[N, T] long: runs joined by merged pairs get one id, counting up along the sequence."""
+    starts = torch.cumsum((~merged_pairs).long(), dim=-1)
+    return torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=-1)
+
+
+def gaussian_merge(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention: torch.Tensor,
+    segment: torch.Tensor,
+    num_segments: int,
+    sigma: float | None,
+    scale_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold each segment into one slot with Gaussian-kernel weights around its pivot.
+
+    keys [N, T, d], values [N, T, dv], attention [N, T], segment [N, T]. Returns merged keys
+    [N, S, d], merged values [N, S, dv], pivot positions [N, S] (-1 for padding) and set sizes
+    [N, S] (0 for padding), with S = num_segments.
+    """
+    rows, length, dim = keys.shape
+    device = keys.device
+    position = torch.arange(length, device=device).expand(rows, length)
+    score = attention.float()
+    best = torch.full((rows, num_segments), float("-inf"), device=device)
+    best = best.scatter_reduce(1, segment, score, reduce="amax")
+    is_best = score == best.gather(1, segment)
+    pivot = torch.full((rows, num_segments), -1, dtype=torch.long, device=device)
+    pivot = pivot.scatter_reduce(1, segment, torch.where(is_best, position, -1), reduce="amax")
+    sizes = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
+    sizes = sizes.scatter_add(1, segment, torch.ones_like(segment))
+
+    key_scale = _row_scale(keys)
+    scaled_keys = keys.float() / key_scale
+    pivot_keys = scaled_keys.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
+    distance = (scaled_keys - pivot_keys).norm(dim=-1)  # [N, T], in units of the row scale
+    if sigma is None:
+        mean_distance = _segment_sum(distance, segment, num_segments) / sizes.clamp_min(1)
+        width = (mean_distance / math.sqrt(2.0)).clamp_min(SIGMA_FLOOR)
+        z = distance / width.gather(1, segment)
+    else:
+        z = distance * key_scale.view(rows, 1) / sigma  # in this order: 0 * (huge / tiny) would be nan
+    kernel = torch.exp(-0.5 * z.square())
+    weight = kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)
+
+    merged_keys = _segment_sum(weight.unsqueeze(-1) * scaled_keys, segment, num_segments) * key_scale
+    value_scale = _row_scale(values)
+    merged_values = _segment_sum(weight.unsqueeze(-1) * (values.float() / value_scale), segment, num_segments)
+    merged_values = merged_values * value_scale
+    if scale_values:
+        merged_values = merged_values * sizes.unsqueeze(-1)
+    merged_keys = _keep_singletons(_finite_as(merged_keys, keys.dtype), keys, pivot, sizes)
+    merged_values = _keep_singletons(_finite_as(merged_values, values.dtype), values, pivot, sizes)
+    return merged_keys, merged_values, pivot, sizes
+
+
+def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """A token that joins no set is kept bit for bit (the rescaling above may move it by an ulp)."""
+    kept = original.gather(1, pivot.clamp_min(0).unsqueeze(-1).expand(-1, -1, original.shape[-1]))
+    return torch.where((sizes == 1).unsqueeze(-1), kept, merged)
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    return x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+
+
+def _segment_sum(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum x [N, T, ...] over tokens of each segment -> [N, S, ...]."""
+    out = x.new_zeros(x.shape[0], num_segments, *x.shape[2:])
+    index = segment.view(*segment.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return out.scatter_add(1, index, x)
+
+
+def _finite_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return x.clamp(-limit, limit).to(dtype)

