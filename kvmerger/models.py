@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from kvmerger.engine.hf import check_supported
 
@@ -69,6 +70,7 @@ def load_model(
     `UnsupportedModelError` if the engine cannot compress the model.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    transformers_logging.disable_progress_bar()
     if model is None or str(model) in ("default", DEFAULT_MODEL):
         folder = converted_gguf(default_gguf_path())
     elif str(model).endswith(".gguf"):

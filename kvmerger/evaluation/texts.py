@@ -38,3 +38,13 @@ def cut_to_tokens(tokenizer, text: str, tokens: int) -> str:
     if len(ids) < tokens:
         raise ValueError(f"the text has only {len(ids)} tokens, fewer than the {tokens} asked for")
     return tokenizer.decode(ids[:tokens])
+
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def noise_haystack(tokenizer, tokens: int) -> str:
+    """RULER's noise haystack (its repeated five sentences), cut to `tokens` tokens."""
+    sentence_tokens = len(tokenizer(NOISE + " ", add_special_tokens=False).input_ids)
+    repeats = tokens // max(1, sentence_tokens) + 2
+    return cut_to_tokens(tokenizer, " ".join([NOISE] * repeats), tokens)

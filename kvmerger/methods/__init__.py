@@ -1,8 +1,26 @@
-"""Compression methods, one file each. Importing this package registers them all by name."""
+"""Compression methods, one file each, named after the method.
 
-from kvmerger.methods.base import METHODS, CompressionMethod, LayerInput, LayerOutput, get_method, slots_for_budget
+Importing this package imports every module in it, which registers each method by its `name`
+(see `METHODS` and `get_method`). Adding a method is adding one file.
+"""
+
+import importlib
+import pkgutil
+
+from kvmerger.methods.base import (
+    METHODS,
+    CompressionMethod,
+    LayerInput,
+    LayerOutput,
+    SlotState,
+    get_method,
+    slots_for_budget,
+)
 from kvmerger.methods.full_cache import FullCache
 from kvmerger.methods.kvmerger import KVMerger
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS",
@@ -11,6 +29,7 @@ __all__ = [
     "KVMerger",
     "LayerInput",
     "LayerOutput",
+    "SlotState",
     "get_method",
     "slots_for_budget",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +61,62 @@ class LayerOutput:
     set_sizes: torch.Tensor | None = None  # [B, Hkv, S], long
     bias: torch.Tensor | None = None  # [B, Hkv, S], float32 additive attention logits
     notes: dict[str, Any] = field(default_factory=dict)
+    # attention each slot has received so far, to start holding the budget during generation
+    # (None: the engine takes the aggregated attention of the token at `positions`)
+    accumulated: torch.Tensor | None = None  # [B, Hkv, S], float32
+
+
+@dataclass
+class SlotState:
+    """A layer's stored slots while the engine holds the budget during generation.
+
+    The engine appends every new token as a slot (position = its index, set size 1, accumulated
+    attention 0), adds the attention each slot receives from every new query to `accumulated`,
+    and whenever a layer holds more than `target_slots` it asks the method to shrink it back.
+    """
+
+    keys: torch.Tensor  # [B, Hkv, N, d]
+    values: torch.Tensor  # [B, Hkv, N, d]
+    bias: torch.Tensor | None  # [B, Hkv, N], float32, or None
+    positions: torch.Tensor  # [B, Hkv, N] long: token index each slot stands at (-1: padding)
+    set_sizes: torch.Tensor  # [B, Hkv, N] long: tokens folded into each slot (0: padding)
+    accumulated: torch.Tensor  # [B, Hkv, N] float32: attention received, prompt and generation
+    last_attention: torch.Tensor  # [B, Hkv, N] float32: attention from the newest query
+    target_slots: int
+    prompt_length: int
+    seen_tokens: int
+    layer_idx: int
+
+    @property
+    def excess(self) -> int:
+        return self.keys.shape[-2] - self.target_slots
+
+
+def keep_slots(state: SlotState, keep: torch.Tensor) -> SlotState:
+    """The state restricted to slots `keep` ([B, Hkv, S] indices, any order), in sequence order."""
+    keep = keep.sort(dim=-1).values
+    wide = keep.unsqueeze(-1).expand(*keep.shape, state.keys.shape[-1])
+    return replace(
+        state,
+        keys=state.keys.gather(2, wide),
+        values=state.values.gather(2, wide),
+        bias=None if state.bias is None else state.bias.gather(2, keep),
+        positions=state.positions.gather(2, keep),
+        set_sizes=state.set_sizes.gather(2, keep),
+        accumulated=state.accumulated.gather(2, keep),
+        last_attention=state.last_attention.gather(2, keep),
+    )
+
+
+def hold_by_accumulated_attention(state: SlotState, recent: int) -> SlotState:
+    """H2O's rule during generation: keep the `recent` newest slots and, among the others, those
+    with the most accumulated attention (padding slots go first)."""
+    length = state.keys.shape[-2]
+    recent = min(recent, state.target_slots)
+    ranked = state.accumulated.masked_fill(state.set_sizes == 0, float("-inf"))
+    ranked = ranked.clone()
+    ranked[..., length - recent :] = float("inf")
+    return keep_slots(state, top_indices(ranked, state.target_slots))
 
 
 @dataclass
@@ -83,6 +139,12 @@ class CompressionMethod(ABC):
 
     def target_slots(self, length: int) -> int:
         return slots_for_budget(length, self.budget)
+
+    def hold_budget(self, state: SlotState) -> SlotState:
+        """Shrink a layer back to `state.target_slots` slots during generation (engine option
+        `hold_budget=True`). Default, for methods whose paper defines no generation-time rule:
+        H2O's rule, half recent window, half heavy hitters by accumulated attention."""
+        return hold_by_accumulated_attention(state, recent=state.target_slots // 2)
 
     def keeps_budget(self) -> bool:
         """Whether every layer and head ends with exactly `target_slots` slots (the engine checks it)."""

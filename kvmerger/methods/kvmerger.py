@@ -36,6 +36,11 @@ Choices where the paper is silent or uncertain (each one a parameter):
   ``n_topk <= (S - n_recent - 1) // 2`` guarantee every head can reach exactly ``S`` slots (each
   unprotected run needs at least one slot, and top-k tokens split at most n_topk + 1 runs); top-k
   protection shrinks first, then the recent window, and the statistics say so.
+* ``size_bias=False`` (default, as in the paper): a merged slot is one term of the softmax. With
+  ``size_bias=True`` (docs/METHOD.md section 5, "size-aware attention", as in token merging for
+  vision transformers) the slot carries an additive logit bias ``log |S|``, so the group keeps
+  the attention mass of its |S| tokens in numerator and denominator; the bias is one float per
+  slot and counts in the cache's bytes.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32 on keys and values rescaled by their row's largest magnitude, so
   zero-norm keys, identical keys, a sigma that would be 0, bf16 and huge inputs give finite results.
@@ -95,9 +100,15 @@ class KVMerger(CompressionMethod):
     topk_ratio: float | None = None
     sigma: float | None = None
     scale_values_by_set_size: bool = False
+    size_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.size_bias and self.scale_values_by_set_size:
+            raise ValueError(
+                "size_bias already gives a merged slot the weight of its |S| tokens in the softmax; "
+                "scaling its value by |S| as well would count the set twice"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not -1.0 <= self.eps <= 1.0:
@@ -168,9 +179,10 @@ class KVMerger(CompressionMethod):
         )
         slots = merged_keys.shape[1]
         bias = None
-        if bool((sets.count != slots).any()):  # paper mode: heads differ in length, pad and mask
-            bias = torch.zeros(rows, slots, device=keys.device).masked_fill(sizes == 0, float("-inf"))
-            bias = bias.reshape(batch, heads, slots)
+        padded = bool((sets.count != slots).any())  # paper mode: heads differ in length, pad and mask
+        if padded or self.size_bias:
+            bias = sizes.float().log() if self.size_bias else torch.zeros(rows, slots, device=keys.device)
+            bias = bias.masked_fill(sizes == 0, float("-inf")).reshape(batch, heads, slots)
         chosen = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
         return LayerOutput(
             keys=merged_keys.reshape(batch, heads, slots, dim),

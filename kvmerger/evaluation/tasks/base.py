@@ -1,9 +1,16 @@
-"""What every task produces: samples of (context, question, answers)."""
+"""What every question-answering task provides: samples of (context, question, answers), and a score.
+
+A task is a small dataclass registered by its `name` (like methods): `get_task("needle")`.
+Samples are deterministic for a seed and sized with the model's own tokenizer.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+TASKS: dict[str, type[Task]] = {}
 
 
 @dataclass
@@ -19,3 +26,36 @@ class Sample:
     question: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task(ABC):
+    """Base class; subclasses set `name`, `summary` and `max_new_tokens`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    max_new_tokens: ClassVar[int] = 32
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            TASKS[cls.name] = cls
+
+    @abstractmethod
+    def samples(self, tokenizer, context_tokens: int, count: int, seed: int) -> list[Sample]:
+        """`count` samples whose prompt is about `context_tokens` tokens long, deterministic in `seed`."""
+
+    @abstractmethod
+    def score(self, prediction: str, sample: Sample) -> float:
+        """The score of one generated answer, in [0, 1]."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+def get_task(name: str, **params: Any) -> Task:
+    import kvmerger.evaluation.tasks  # noqa: F401  (registers every task)
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**params)

@@ -1,41 +1,47 @@
-"""What each `kvmerger` subcommand does (argument parsing lives in cli.main)."""
+"""`kvmerger generate`: one prompt (or file) plus a question, one method and budget; prints the
+answer and the memory before and after."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
+from kvmerger.cli.options import add_model_options, budget, load, mib, parse_params
 from kvmerger.engine.session import compress
-from kvmerger.methods import METHODS, get_method
+from kvmerger.methods import get_method
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("generate", help="answer one prompt with one method and budget")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the context text")
+    source.add_argument("--file", type=Path, help="a file holding the context")
+    parser.add_argument("--question", default="", help="appended after the context")
+    add_model_options(parser)
+    parser.add_argument("--method", default="kvmerger")
+    parser.add_argument("--budget", type=budget, default=0.5)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter")
+    parser.add_argument(
+        "--protocol",
+        choices=["query-aware", "query-agnostic"],
+        default="query-aware",
+        help="compress the question with the context (query-aware) or the context alone, question after",
+    )
+    parser.add_argument("--chat", action="store_true", help="wrap context and question in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    handlers = {"methods": list_methods, "generate": generate, "demo": demo}
-    return handlers[args.command](args)
-
-
-def list_methods(args: argparse.Namespace) -> int:
-    width = max(len(name) for name in METHODS)
-    for name in sorted(METHODS):
-        print(f"{name:<{width}}  {METHODS[name].summary}")
-    return 0
-
-
-def _load(args: argparse.Namespace):
-    from kvmerger.models import load_model
-
-    return load_model(args.model, dtype=args.dtype, device=args.device)
-
-
-def generate(args: argparse.Namespace) -> int:
-    from kvmerger.cli.main import parse_params
-
     context = args.prompt if args.prompt is not None else _read(args.file)
     params = parse_params(args.param)
-    method = get_method(args.method, **({} if args.method == "full" else {"budget": args.budget}), **params)
-    model, tokenizer = _load(args)
+    if args.method != "full":
+        params.setdefault("budget", args.budget)
+    method = get_method(args.method, **params)
+    model, tokenizer = load(args)
     question = args.question
     if args.chat:
         from kvmerger.evaluation.tasks.passkey import _chat_wrap
@@ -45,7 +51,7 @@ def generate(args: argparse.Namespace) -> int:
     print(result["answer"])
     print(
         f"\n[{method.label()} {args.protocol}] prompt {result['prompt_tokens']} tokens; "
-        f"cache after prefill {_mib(result['bytes_before'])} -> {_mib(result['bytes_after'])} "
+        f"cache after prefill {mib(result['bytes_before'])} -> {mib(result['bytes_after'])} "
         f"({result['bytes_after'] / result['bytes_before']:.1%}); "
         f"compressing {result['seconds_compressing'] * 1e3:.0f} ms, generating {result['seconds_total']:.1f} s"
     )
@@ -81,29 +87,7 @@ def answer(model, tokenizer, method, context: str, question: str, protocol: str,
     }
 
 
-def demo(args: argparse.Namespace) -> int:
-    from kvmerger.evaluation.tasks.passkey import passkey_sample
-    from kvmerger.methods import FullCache, KVMerger
-
-    model, tokenizer = _load(args)
-    sample = passkey_sample(tokenizer, args.tokens, depth=0.5, seed=0)
-    print(f"A pass key ({sample.answers[0]}) hidden in {args.tokens} tokens of essays; plain completion prompt.\n")
-    print(f"{'method':<16} {'answer':<12} {'cache before':>13} {'cache after':>12} {'compress':>9} {'total':>7}")
-    for method in (FullCache(), KVMerger(budget=0.5), KVMerger(budget=0.35)):
-        result = answer(model, tokenizer, method, sample.context, sample.question, "query-aware", 8)
-        text = result["answer"].strip().split("\n")[0][:12]
-        print(
-            f"{method.label():<16} {text:<12} {_mib(result['bytes_before']):>13} {_mib(result['bytes_after']):>12} "
-            f"{result['seconds_compressing'] * 1e3:>7.0f}ms {result['seconds_total']:>6.1f}s"
-        )
-    return 0
-
-
-def _read(path) -> str:
+def _read(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
     return path.read_text(encoding="utf-8")
-
-
-def _mib(count: int) -> str:
-    return f"{count / 2**20:.1f} MiB"
