@@ -96,3 +96,57 @@ def kvmerger_row(
         "eligible": eligible,
         "merged_pairs": merged_pairs,
     }
+
+
+def kvmerger_hold_row(
+    keys: np.ndarray,
+    values: np.ndarray,
+    accumulated: np.ndarray,
+    sizes: np.ndarray,
+    *,
+    target: int,
+    n_recent: int,
+    n_topk: int,
+    sigma: float | None,
+    sigma_floor: float = 1e-6,
+) -> dict:
+    """KVMerger's generation-time rule on one row of slots: merge the most similar adjacent pairs
+    of unprotected slots until `target` remain; kernel weights times each slot's token count."""
+    length = len(keys)
+    keys = keys.astype(np.float64)
+    values = values.astype(np.float64)
+    protected = set(range(length - n_recent, length))
+    others = [t for t in range(length) if t not in protected]
+    others.sort(key=lambda t: (-float(accumulated[t]), -t))
+    protected |= set(others[:n_topk])
+    similarity = [cosine(keys[t], keys[t + 1]) for t in range(length - 1)]
+    eligible = [t for t in range(length - 1) if t not in protected and t + 1 not in protected]
+    ranked = sorted(eligible, key=lambda t: (-similarity[t], -t))
+    merged_pairs = set(ranked[: length - target])
+    sets, current = [], [0]
+    for t in range(1, length):
+        if t - 1 in merged_pairs:
+            current.append(t)
+        else:
+            sets.append(current)
+            current = [t]
+    sets.append(current)
+    row_scale = max(np.abs(keys).max(), 1e-30)
+    out = {"keys": [], "values": [], "pivots": [], "sizes": [], "accumulated": []}
+    for members in sets:
+        pivot = max(members, key=lambda i: (float(accumulated[i]), i))
+        distances = [float(np.linalg.norm(keys[i] - keys[pivot])) for i in members]
+        if sigma is None:
+            width = max(sum(distances) / len(members) / math.sqrt(2.0), sigma_floor * row_scale)
+        else:
+            width = sigma
+        kernel = [math.exp(-(d * d) / (2 * width * width)) * int(sizes[i]) for d, i in zip(distances, members)]
+        weights = [g / sum(kernel) for g in kernel]
+        out["keys"].append(sum(w * keys[i] for w, i in zip(weights, members)))
+        out["values"].append(sum(w * values[i] for w, i in zip(weights, members)))
+        out["pivots"].append(pivot)
+        out["sizes"].append(int(sum(int(sizes[i]) for i in members)))
+        out["accumulated"].append(float(sum(float(accumulated[i]) for i in members)))
+    out["keys"], out["values"] = np.array(out["keys"]), np.array(out["values"])
+    out["similarity"], out["eligible"] = similarity, eligible
+    return out

@@ -54,6 +54,7 @@ class CompressedLayer(DynamicLayer):
         self.slot_bias: torch.Tensor | None = None  # [batch, kv_heads, slots], float32
         self.compressed_slots = 0  # slots right after the last compression (0: never compressed)
         self.prefill_pending = False
+        self.hold = None  # per-slot metadata while the engine holds the budget (engine.session.SlotMeta)
 
     # -- what transformers asks ----------------------------------------------------------------
     def update(
@@ -87,6 +88,8 @@ class CompressedLayer(DynamicLayer):
         if tokens_to_remove > 0:
             raise ValueError("CompressedLayer.crop takes a negative count of tokens to remove")
         remove = -tokens_to_remove
+        if remove and self.hold is not None:
+            raise ValueError("cannot crop a cache layer while the engine holds its budget during generation")
         appended = self.stored_slots - self.compressed_slots if self.compressed_slots else self.stored_slots
         if remove > appended:
             raise ValueError(
@@ -103,6 +106,7 @@ class CompressedLayer(DynamicLayer):
         self.slot_bias = None
         self.compressed_slots = 0
         self.prefill_pending = False
+        self.hold = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -63,6 +63,27 @@ def window_attention(
     return attention_column_sums(query, key, scaling, max(0, query.shape[-2] - window), chunk)
 
 
+def new_query_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the newest queries over every stored slot, during generation.
+
+    query: [B, Hq, n, d], the last n tokens, whose keys are the last n of key: [B, Hkv, N, d];
+    bias: [B, Hkv, N] additive logits or None. Returns (summed over the n queries, of the last
+    query alone), each [B, Hkv, N] float32 averaged over the query heads of each KV head.
+    """
+    batch, q_heads, new, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    grouped = (query.float() * scaling).view(batch, kv_heads, group, new, dim)
+    logits = torch.matmul(grouped, key.float().transpose(-1, -2).unsqueeze(2))  # [B, Hkv, g, n, N]
+    if bias is not None:
+        logits = logits + bias.float()[:, :, None, None, :]
+    future = torch.arange(length, device=key.device) > torch.arange(length - new, length, device=key.device)[:, None]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return probs.sum(dim=3).mean(dim=2), probs[:, :, :, -1].mean(dim=2)
+
+
 class LayerScores:
     """The statistics a method may ask about one layer, computed on first request and kept.
 

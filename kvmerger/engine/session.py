@@ -32,22 +32,69 @@ from kvmerger.engine.hf import (
     install_session,
 )
 from kvmerger.engine.report import CompressionReport, LayerReport
-from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, _synchronize
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput
+from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, _synchronize, new_query_attention
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState
+
+
+@dataclass
+class SlotMeta:
+    """What the engine tracks per stored slot while it holds a layer's budget during generation."""
+
+    positions: torch.Tensor  # [B, Hkv, N] long
+    set_sizes: torch.Tensor  # [B, Hkv, N] long
+    accumulated: torch.Tensor  # [B, Hkv, N] float32
+    last_attention: torch.Tensor  # [B, Hkv, N] float32
+    target_slots: int
+    prompt_length: int
+
+    @classmethod
+    def after_compression(cls, output: LayerOutput, aggregated: torch.Tensor, prompt_length: int) -> SlotMeta:
+        positions = output.positions
+        sizes = output.set_sizes if output.set_sizes is not None else torch.ones_like(positions)
+        accumulated = output.accumulated
+        if accumulated is None:
+            accumulated = aggregated.float().gather(2, positions.clamp_min(0))
+        accumulated = accumulated.masked_fill(sizes == 0, float("-inf"))
+        return cls(positions, sizes, accumulated, torch.zeros_like(accumulated), positions.shape[-1], prompt_length)
+
+    def appended(self, new_tokens: int, seen_tokens: int) -> SlotMeta:
+        """The metadata with `new_tokens` just-appended slots (one token each, no attention yet)."""
+        batch, heads, _ = self.positions.shape
+        device = self.positions.device
+        positions = torch.arange(seen_tokens - new_tokens, seen_tokens, device=device).expand(batch, heads, -1)
+        return SlotMeta(
+            torch.cat([self.positions, positions], dim=-1),
+            torch.cat([self.set_sizes, torch.ones_like(positions)], dim=-1),
+            torch.cat([self.accumulated, self.accumulated.new_zeros(batch, heads, new_tokens)], dim=-1),
+            torch.cat([self.last_attention, self.last_attention.new_zeros(batch, heads, new_tokens)], dim=-1),
+            self.target_slots,
+            self.prompt_length,
+        )
 
 
 class Session:
-    """Applies per-slot biases; does nothing special at prefill. Subclasses act on the prefill."""
+    """Applies per-slot biases and, with `hold_method`, holds each compressed layer's budget during
+    generation; does nothing special at prefill. Subclasses act on the prefill."""
 
     handles_prefill = False
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK, hold_method: CompressionMethod | None = None
+    ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
+        if hold_method is not None and not hold_method.keeps_budget():
+            raise ValueError(
+                f"{hold_method.label()} has no fixed budget to hold (e.g. KVMerger's paper mode); "
+                "hold_budget needs a method that keeps exactly its budget"
+            )
         self.model = model
         self.chunk_size = chunk_size
+        self.hold_method = hold_method
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._cache: CompressedCache | None = None
+        self.hold_calls = 0
+        self.seconds_holding = 0.0
 
     # -- called by the hooks in engine.hf ------------------------------------------------------
     def begin_forward(self, cache: CompressedCache | None, query_length: int | None) -> None:
@@ -92,6 +139,47 @@ class Session:
         if layer.prefill_pending:
             layer.prefill_pending = False
             self.on_prefill(layer, module.layer_idx, query, key, value, scaling)
+        elif layer.hold is not None and self.hold_method is not None:
+            self._hold_budget(layer, module.layer_idx, query, key, scaling)
+
+    def _hold_budget(
+        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float
+    ) -> None:
+        """Account the new queries' attention, then shrink the layer back to its budget if it grew."""
+        start = time.perf_counter()
+        meta = layer.hold.appended(query.shape[2], layer.seen_tokens)
+        summed, last = new_query_attention(query, key, scaling, layer.slot_bias)
+        meta.accumulated = meta.accumulated + summed
+        meta.last_attention = last
+        if key.shape[-2] > meta.target_slots:
+            state = self.hold_method.hold_budget(
+                SlotState(
+                    keys=layer.keys,
+                    values=layer.values,
+                    bias=layer.slot_bias,
+                    positions=meta.positions,
+                    set_sizes=meta.set_sizes,
+                    accumulated=meta.accumulated,
+                    last_attention=meta.last_attention,
+                    target_slots=meta.target_slots,
+                    prompt_length=meta.prompt_length,
+                    seen_tokens=layer.seen_tokens,
+                    layer_idx=layer_idx,
+                )
+            )
+            if state.keys.shape[-2] != meta.target_slots:
+                raise RuntimeError(
+                    f"{self.hold_method.name}.hold_budget left {state.keys.shape[-2]} slots in layer {layer_idx}, "
+                    f"not its budget of {meta.target_slots}"
+                )
+            layer.replace(state.keys, state.values, state.bias)
+            meta = SlotMeta(
+                state.positions, state.set_sizes, state.accumulated, state.last_attention, meta.target_slots, meta.prompt_length
+            )
+            self.hold_calls += 1
+        layer.hold = meta
+        _synchronize(key.device)
+        self.seconds_holding += time.perf_counter() - start
 
     def on_prefill(
         self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -104,10 +192,16 @@ class CompressionSession(Session):
 
     handles_prefill = True
 
-    def __init__(self, model: torch.nn.Module, method: CompressionMethod, chunk_size: int = DEFAULT_CHUNK) -> None:
-        super().__init__(model, chunk_size)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: CompressionMethod,
+        chunk_size: int = DEFAULT_CHUNK,
+        hold_budget: bool = False,
+    ) -> None:
         if not isinstance(method, CompressionMethod):
             raise TypeError(f"method must be a kvmerger CompressionMethod, got {type(method).__name__}")
+        super().__init__(model, chunk_size, hold_method=method if hold_budget else None)
         self.method = method
         self.reports: list[CompressionReport] = []
         self._building: CompressionReport | None = None
@@ -129,6 +223,8 @@ class CompressionSession(Session):
         scores = LayerScores(query, key, scaling, self.chunk_size)
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
+        if self.hold_method is not None:
+            layer.hold = SlotMeta.after_compression(output, scores.aggregated_attention(), key.shape[-2])
         if self._building is None:
             self._building = CompressionReport(method=self.method.describe())
         self._building.layers.append(layer_report)
@@ -225,25 +321,37 @@ def _set_size_histogram(set_sizes: torch.Tensor | None) -> dict[int, int]:
 
 @contextmanager
 def compress(
-    model: torch.nn.Module, method: CompressionMethod, *, chunk_size: int = DEFAULT_CHUNK
+    model: torch.nn.Module,
+    method: CompressionMethod,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    hold_budget: bool = False,
 ) -> Iterator[CompressionSession]:
     """Compress the KV cache of every prompt `model` prefills inside the block.
+
+    With `hold_budget=True` every layer also stays at its budget while tokens are generated: each
+    new token is appended, and whenever a layer holds more slots than its budget the method's
+    `hold_budget` rule shrinks it back (H2O's eviction by default).
 
     >>> with compress(model, KVMerger(budget=0.5)) as session:
     ...     out = model.generate(input_ids, max_new_tokens=32)
     >>> print(session.report.summary())
     """
     check_supported(model)
-    session = CompressionSession(model, method, chunk_size)
+    session = CompressionSession(model, method, chunk_size, hold_budget)
     with install_session(model, session):
         yield session
 
 
 @contextmanager
-def attach(model: torch.nn.Module) -> Iterator[Session]:
-    """Run `model` with kvmerger's attention (per-slot biases) and caches, compressing nothing."""
+def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> Iterator[Session]:
+    """Run `model` with kvmerger's attention (per-slot biases) and caches, compressing nothing.
+
+    `hold`: the method whose `hold_budget` rule keeps layers compressed by
+    `compress_prefill(..., hold_budget=True)` at their budget during generation.
+    """
     check_supported(model)
-    session = Session(model)
+    session = Session(model, hold_method=hold)
     with install_session(model, session):
         yield session
 
@@ -284,13 +392,25 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
 
-def compress_prefill(prefill: Prefill, method: CompressionMethod) -> tuple[CompressedCache, CompressionReport]:
-    """A new cache holding `prefill`'s prompt compressed by `method` (the prefill itself is untouched)."""
+def compress_prefill(
+    prefill: Prefill, method: CompressionMethod, *, hold_budget: bool = False
+) -> tuple[CompressedCache, CompressionReport]:
+    """A new cache holding `prefill`'s prompt compressed by `method` (the prefill itself is untouched).
+
+    `hold_budget=True` also records what `attach(model, hold=method)` needs to keep the budget
+    during generation.
+    """
     report = CompressionReport(method=method.describe())
-    compressed = []
+    compressed, metas = [], []
     num_layers = len(prefill.cache.layers)
     for index, layer in enumerate(prefill.cache.layers):
-        output, layer_report = compress_layer(method, layer.keys, layer.values, prefill.scores[index], index, num_layers)
+        scores = prefill.scores[index]
+        output, layer_report = compress_layer(method, layer.keys, layer.values, scores, index, num_layers)
         compressed.append((output.keys, output.values, output.bias))
         report.layers.append(layer_report)
-    return CompressedCache.from_tensors(compressed, seen_tokens=prefill.length), report
+        if hold_budget:
+            metas.append(SlotMeta.after_compression(output, scores.aggregated_attention(), prefill.length))
+    cache = CompressedCache.from_tensors(compressed, seen_tokens=prefill.length)
+    for layer, meta in zip(cache.layers, metas):
+        layer.hold = meta
+    return cache, report

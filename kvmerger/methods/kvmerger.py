@@ -49,12 +49,12 @@ Choices where the paper is silent or uncertain (each one a parameter):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, top_indices
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState, top_indices
 
 MODES = ("exact", "paper")
 SIGMA_FLOOR = 1e-6  # in units of the row's largest |key|
@@ -131,6 +131,49 @@ class KVMerger(CompressionMethod):
     def keeps_budget(self) -> bool:
         return self.mode == "exact"
 
+    def hold_budget(self, state: SlotState) -> SlotState:
+        """During generation: merge the `excess` most similar adjacent pairs of unprotected slots.
+
+        Exact mode's rule applied as tokens arrive. Protected: the newest `n_recent` slots and the
+        `n_topk` slots with the most accumulated attention (counts from the prompt's length, as at
+        prefill). A pair's pivot is the slot with more accumulated attention; kernel weights are
+        multiplied by the tokens each slot already stands for.
+        """
+        batch, heads, length, dim = state.keys.shape
+        rows = batch * heads
+        keys = state.keys.reshape(rows, length, dim)
+        accumulated = state.accumulated.reshape(rows, length)
+        recent_ratio, topk_ratio = self.protection()
+        n_recent, n_topk, _ = _fit_protection(
+            _floor_count(recent_ratio, state.prompt_length), _floor_count(topk_ratio, state.prompt_length), state.target_slots
+        )
+        protected = protected_tokens(accumulated, n_recent, n_topk)
+        eligible = ~protected[:, 1:] & ~protected[:, :-1]
+        merged = most_similar_pairs(adjacent_similarity(keys), eligible, state.excess)
+        segment = segment_ids(merged)
+        new_keys, new_values, pivot, sizes = gaussian_merge(
+            keys,
+            state.values.reshape(rows, length, -1),
+            accumulated,
+            segment,
+            state.target_slots,
+            self.sigma,
+            self.scale_values_by_set_size,
+            multiplicity=state.set_sizes.reshape(rows, length),
+        )
+        shape = (batch, heads, state.target_slots)
+        bias = sizes.float().log().reshape(shape) if self.size_bias else None
+        return replace(
+            state,
+            keys=new_keys.reshape(*shape, dim),
+            values=new_values.reshape(*shape, -1),
+            bias=bias,
+            positions=state.positions.reshape(rows, length).gather(1, pivot).reshape(shape),
+            set_sizes=sizes.reshape(shape),
+            accumulated=_segment_sum(accumulated, segment, state.target_slots).reshape(shape),
+            last_attention=_segment_sum(state.last_attention.reshape(rows, length), segment, state.target_slots).reshape(shape),
+        )
+
     def protection(self) -> tuple[float, float]:
         recent, topk = paper_protection(self.budget)
         return (
@@ -190,6 +233,7 @@ class KVMerger(CompressionMethod):
             positions=positions.reshape(batch, heads, slots),
             set_sizes=sizes.reshape(batch, heads, slots),
             bias=bias,
+            accumulated=_segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots),
             notes={
                 "n_recent": sets.n_recent,
                 "n_topk": sets.n_topk,
@@ -258,12 +302,15 @@ def gaussian_merge(
     num_segments: int,
     sigma: float | None,
     scale_values: bool,
+    multiplicity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold each segment into one slot with Gaussian-kernel weights around its pivot.
 
     keys [N, T, d], values [N, T, dv], attention [N, T], segment [N, T]. Returns merged keys
-    [N, S, d], merged values [N, S, dv], pivot positions [N, S] (-1 for padding) and set sizes
-    [N, S] (0 for padding), with S = num_segments.
+    [N, S, d], merged values [N, S, dv], pivot index [N, S] (-1 for padding) and set sizes
+    [N, S] (0 for padding), with S = num_segments. `multiplicity` [N, T] (default ones): how many
+    tokens each input row already stands for (when merging slots that are merges themselves); it
+    multiplies the kernel weights and adds up into the set sizes.
     """
     rows, length, dim = keys.shape
     device = keys.device
@@ -274,20 +321,24 @@ def gaussian_merge(
     is_best = score == best.gather(1, segment)
     pivot = torch.full((rows, num_segments), -1, dtype=torch.long, device=device)
     pivot = pivot.scatter_reduce(1, segment, torch.where(is_best, position, -1), reduce="amax")
-    sizes = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
-    sizes = sizes.scatter_add(1, segment, torch.ones_like(segment))
+    counts = torch.ones_like(segment) if multiplicity is None else multiplicity.long()
+    sizes = torch.zeros(rows, num_segments, dtype=torch.long, device=device).scatter_add(1, segment, counts)
+    members = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
+    members = members.scatter_add(1, segment, torch.ones_like(segment))
 
     key_scale = _row_scale(keys)
     scaled_keys = keys.float() / key_scale
     pivot_keys = scaled_keys.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
     distance = (scaled_keys - pivot_keys).norm(dim=-1)  # [N, T], in units of the row scale
     if sigma is None:
-        mean_distance = _segment_sum(distance, segment, num_segments) / sizes.clamp_min(1)
+        mean_distance = _segment_sum(distance, segment, num_segments) / members.clamp_min(1)
         width = (mean_distance / math.sqrt(2.0)).clamp_min(SIGMA_FLOOR)
         z = distance / width.gather(1, segment)
     else:
         z = distance * key_scale.view(rows, 1) / sigma  # in this order: 0 * (huge / tiny) would be nan
     kernel = torch.exp(-0.5 * z.square())
+    if multiplicity is not None:
+        kernel = kernel * multiplicity.float()
     weight = kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)
 
     merged_keys = _segment_sum(weight.unsqueeze(-1) * scaled_keys, segment, num_segments) * key_scale
@@ -296,15 +347,15 @@ def gaussian_merge(
     merged_values = merged_values * value_scale
     if scale_values:
         merged_values = merged_values * sizes.unsqueeze(-1)
-    merged_keys = _keep_singletons(_finite_as(merged_keys, keys.dtype), keys, pivot, sizes)
-    merged_values = _keep_singletons(_finite_as(merged_values, values.dtype), values, pivot, sizes)
+    merged_keys = _keep_singletons(_finite_as(merged_keys, keys.dtype), keys, pivot, members)
+    merged_values = _keep_singletons(_finite_as(merged_values, values.dtype), values, pivot, members)
     return merged_keys, merged_values, pivot, sizes
 
 
-def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """A token that joins no set is kept bit for bit (the rescaling above may move it by an ulp)."""
+def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """A row that joins no set is kept bit for bit (the rescaling above may move it by an ulp)."""
     kept = original.gather(1, pivot.clamp_min(0).unsqueeze(-1).expand(-1, -1, original.shape[-1]))
-    return torch.where((sizes == 1).unsqueeze(-1), kept, merged)
+    return torch.where((members == 1).unsqueeze(-1), kept, merged)
 
 
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
