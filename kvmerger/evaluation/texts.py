@@ -18,7 +18,8 @@ def data_path(*parts: str) -> Path:
 def essays() -> str:
     """The Paul Graham essays concatenated in sorted file order (the standard NIAH haystack)."""
     folder = data_path("paul_graham")
-    return "".join(path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt")))
+    essays_only = [path for path in sorted(folder.glob("*.txt")) if not path.name.startswith("LICENSE")]
+    return "".join(path.read_text(encoding="utf-8") for path in essays_only)
 
 
 @lru_cache(maxsize=1)
