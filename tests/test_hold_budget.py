@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvmerger import FullCache, KVMerger, attach, compress, compress_prefill, record_prefill
 from kvmerger.engine.scoring import new_query_attention
 from kvmerger.methods.base import SlotState, hold_by_accumulated_attention
+from kvmerger.methods.h2o import H2O
 from kvmerger.methods.kvmerger import _fit_protection, _floor_count
 from tests.reference import kvmerger_hold_row
 
@@ -97,7 +98,7 @@ def test_kvmerger_generation_rule_equals_the_reference(length, excess, sigma, se
             np.testing.assert_allclose(out.accumulated[b, h].numpy(), row["accumulated"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [KVMerger(budget=0.5), KVMerger(budget=0.35, size_bias=True), FullCache()], ids=str)
+@pytest.mark.parametrize("method", [KVMerger(budget=0.5), KVMerger(budget=0.35, size_bias=True), H2O(budget=0.5)], ids=str)
 def test_generate_300_tokens_holding_the_budget(tiny_llama, random_ids, method):
     prompt = random_ids[:, :40]
     with torch.no_grad(), compress(tiny_llama, method, hold_budget=True) as session:
@@ -134,7 +135,8 @@ def test_holding_a_prefill_compressed_elsewhere(tiny_llama, random_ids):
     assert cache.slots() == [20] * 3 and cache.get_seq_length() == 49
 
 
-def test_a_method_without_a_fixed_budget_cannot_hold_it(tiny_llama):
-    with pytest.raises(ValueError, match="no fixed budget to hold"):
-        with compress(tiny_llama, KVMerger(mode="paper"), hold_budget=True):
+@pytest.mark.parametrize("method", [KVMerger(mode="paper"), FullCache()], ids=["paper-mode", "full"])
+def test_methods_without_a_fixed_budget_cannot_hold_it(tiny_llama, method):
+    with pytest.raises(ValueError, match="cannot hold a budget"):
+        with compress(tiny_llama, method, hold_budget=True):
             pass

@@ -83,10 +83,10 @@ class Session:
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
-        if hold_method is not None and not hold_method.keeps_budget():
+        if hold_method is not None and not hold_method.can_hold_budget():
             raise ValueError(
-                f"{hold_method.label()} has no fixed budget to hold (e.g. KVMerger's paper mode); "
-                "hold_budget needs a method that keeps exactly its budget"
+                f"{hold_method.label()} cannot hold a budget while generating (the full cache keeps every "
+                "token; KVMerger's paper mode has no fixed budget); use a method with an exact budget"
             )
         self.model = model
         self.chunk_size = chunk_size

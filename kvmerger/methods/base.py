@@ -146,6 +146,10 @@ class CompressionMethod(ABC):
         H2O's rule, half recent window, half heavy hitters by accumulated attention."""
         return hold_by_accumulated_attention(state, recent=state.target_slots // 2)
 
+    def can_hold_budget(self) -> bool:
+        """Whether `hold_budget` makes sense for this method (the engine refuses it otherwise)."""
+        return self.keeps_budget()
+
     def keeps_budget(self) -> bool:
         """Whether every layer and head ends with exactly `target_slots` slots (the engine checks it)."""
         return True

@@ -24,6 +24,9 @@ class FullCache(CompressionMethod):
         if self.budget != 1.0:
             raise ValueError(f"the full cache keeps everything; its budget is 1.0, got {self.budget}")
 
+    def can_hold_budget(self) -> bool:
+        return False  # the full cache keeps every token; holding a budget would make it evict
+
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, _ = layer.keys.shape
         positions = torch.arange(length, device=layer.keys.device).expand(batch, heads, length)
