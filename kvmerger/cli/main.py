@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["methods", "generate", "demo"]  # module names in kvmerger.cli
+SUBCOMMANDS = ["compare", "eval", "generate", "analyze", "methods", "demo"]  # module names in kvmerger.cli
 
 
 def build_parser() -> argparse.ArgumentParser:

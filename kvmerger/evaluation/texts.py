@@ -34,8 +34,13 @@ def previous_sentence_end(text: str, index: int) -> int:
 
 
 def cut_to_tokens(tokenizer, text: str, tokens: int) -> str:
-    """The longest prefix of `text` that encodes to at most `tokens` tokens, ending at a token boundary."""
-    ids = tokenizer(text[: tokens * 8], add_special_tokens=False).input_ids
+    """The first `tokens` tokens of `text`, decoded (encoding only as much of the text as needed)."""
+    chars = tokens * 6
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False).input_ids
+        if len(ids) > tokens or chars >= len(text):
+            break
+        chars *= 2
     if len(ids) < tokens:
         raise ValueError(f"the text has only {len(ids)} tokens, fewer than the {tokens} asked for")
     return tokenizer.decode(ids[:tokens])
@@ -46,6 +51,7 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 
 def noise_haystack(tokenizer, tokens: int) -> str:
     """RULER's noise haystack (its repeated five sentences), cut to `tokens` tokens."""
-    sentence_tokens = len(tokenizer(NOISE + " ", add_special_tokens=False).input_ids)
-    repeats = tokens // max(1, sentence_tokens) + 2
+    # tokens per repetition, measured on a run of them (one alone encodes differently at its edges)
+    per_repeat = len(tokenizer(" ".join([NOISE] * 20), add_special_tokens=False).input_ids) / 20
+    repeats = int(tokens / per_repeat) + 3
     return cut_to_tokens(tokenizer, " ".join([NOISE] * repeats), tokens)

@@ -1,0 +1,81 @@
+"""`kvmerger analyze`: where the model says to merge. Prefills samples of several kinds of text and
+writes key/value similarity heatmaps, per-layer adjacent-cosine distributions, the per-layer share
+of tokens KVMerger merges (eps = 0.75, paper mode) with its persistence across samples and text
+kinds, and a Markdown summary (see kvmerger/analysis/)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvmerger.cli.options import add_model_options, budget, load
+
+DEFAULT_TEXTS = ["essays", "drama", "haystack"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "analyze",
+        help="where the model says to merge: key-similarity maps and per-layer merge shares",
+        description=__doc__,
+    )
+    add_model_options(parser)
+    parser.add_argument(
+        "--texts",
+        nargs="+",
+        default=DEFAULT_TEXTS,
+        metavar="KIND_OR_FILE",
+        help="text kinds (essays, drama, haystack) and/or paths of UTF-8 text files (default: the three kinds)",
+    )
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per text (default 4)")
+    parser.add_argument("--eps", type=float, default=0.75, help="KVMerger's threshold (default 0.75, the paper's)")
+    parser.add_argument(
+        "--budget", type=budget, default=0.5, help="budget whose paper protection the 'paper protection' variant uses"
+    )
+    parser.add_argument("--needles", type=int, default=4, help="needles per haystack sample (default 4)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="layers of the heatmaps (default: first, middle, last)"
+    )
+    parser.add_argument("--heads", type=int, nargs="+", default=[0], help="KV heads of the heatmaps (default 0)")
+    parser.add_argument("--window", type=int, default=256, help="tokens in the heatmaps' window (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the haystack needles")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/analyze/<model name>)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmerger.analysis import analyze, build_samples, summary_markdown, write_all
+
+    if not -1.0 <= args.eps <= 1.0:
+        raise ValueError(f"--eps is a cosine threshold in [-1, 1], got {args.eps}")
+    model, tokenizer = load(args)
+    name = model_name(args.model)
+    samples = build_samples(tokenizer, args.texts, args.tokens, args.samples, args.seed, args.needles)
+    profile = analyze(
+        model,
+        samples,
+        model_name=name,
+        eps=args.eps,
+        budget=args.budget,
+        heatmap_layers=args.layers,
+        heatmap_heads=args.heads,
+        window=args.window,
+        progress=not args.no_progress,
+    )
+    out = args.out if args.out is not None else Path("results") / "analyze" / name
+    write_all(profile, out)
+    print(summary_markdown(profile))
+    print(f"Written to {out}/")
+    return 0
+
+
+def model_name(model: str | None) -> str:
+    """A folder-safe name for --model: the default model's name, or the last part of the path or id."""
+    from kvmerger.models import DEFAULT_MODEL
+
+    if model is None or model in ("default", DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    path = Path(str(model).rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
