@@ -1,110 +1,209 @@
-"""Cost of compressing: time to compress / time to prefill, per method and prompt length.
+"""Cost of compressing: time to compress / time to prefill, per method, prompt length and dtype,
+and how each part grows with the prompt length.
 
-One run measures everything as ratios within the run (this machine is noisy): for each length the
-plain sdpa prefill and each method's compressing prefill are timed `--repeats` times, interleaved,
-and medians are compared. "Compress" is what a user pays on top of the prefill: the attention
-statistics (scoring) plus the method itself, both taken from the engine's per-layer report.
+One run measures everything as ratios within the run (this machine is noisy). For each dtype and
+length, every repeat times, back to back: the plain prefill (sdpa, transformers' own cache, no
+kvmerger), then one prefill that records what compression needs (`record_prefill`), then each
+method compressing that recorded prefill with fresh attention statistics (`compress_prefill`).
+So every method pays its own scoring, exactly as it would inside `compress(model, method)`, without
+a prefill per method. "Compress" is what a user pays on top of the prefill:
 
-    python benchmarks/overhead.py --lengths 2048 4096 --methods kvmerger h2o --budgets 0.5
+* scoring: the attention statistics the method asks for (aggregated attention, SnapKV's window...),
+  recomputed in float32 query chunks from the layer's query and key states;
+* method: the method itself (top-k, merging, gathers).
+
+Reported: medians over repeats of per-repeat ratios (scoring + method) / prefill and
+method / prefill, and the growth exponent of each part (slope of a log-log least-squares fit of
+time against length: 1 is linear, 2 quadratic). Scoring is attention, so it grows like the
+prefill's attention; the method itself must stay near-linear.
+
+    python benchmarks/overhead.py                                  # 2k/4k/8k, fp32 and bf16, every method
+    python benchmarks/overhead.py --lengths 2048 4096 --methods kvmerger h2o --dtypes float32
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import dataclasses
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from kvmerger import compress, get_method, load_model
-from kvmerger.evaluation.texts import essays
+from kvmerger import compress_prefill, get_method, load_model, record_prefill
+from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods import METHODS
 
+from measure import (  # noqa: E402  (a helper beside this script)
+    RESULTS,
+    describe_machine,
+    essay_ids,
+    growth_exponent,
+    machine,
+    median,
+    median_ratio,
+    minutes,
+    write_results,
+)
 
-def prompt_ids(tokenizer, length: int) -> torch.Tensor:
-    ids = tokenizer(essays(), return_tensors="pt").input_ids
-    if ids.shape[1] < length:
-        raise ValueError(f"the essays hold {ids.shape[1]} tokens, fewer than {length}")
-    return ids[:, :length]
+# Measured on the 2-core VM (fp32): prefill 4.4 s at 2k, 10.8 s at 4k; scoring ~0.4-0.6 x prefill.
+PREFILL_SECONDS_2K = 4.4
+BF16_SLOWDOWN = 1.5  # CPU bf16 matmuls are slower than fp32 here
 
 
 @torch.no_grad()
 def time_plain_prefill(model, ids: torch.Tensor) -> float:
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
+    _synchronize(ids.device)
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def time_compressing_prefill(model, ids: torch.Tensor, method) -> tuple[float, float, float]:
-    """(whole forward, scoring, method) seconds of one prefill that compresses."""
-    start = time.perf_counter()
-    with compress(model, method) as session:
-        model(ids, use_cache=True, logits_to_keep=1)
-    total = time.perf_counter() - start
-    report = session.report
-    return total, report.seconds_scoring, report.seconds_compressing
+def fresh_statistics(prefill):
+    """The same prefill with attention statistics not yet computed, so the next method pays its own."""
+    scores = [LayerScores(s.query, s.key, s.scaling, s.chunk) for s in prefill.scores]
+    return dataclasses.replace(prefill, scores=scores)
 
 
-def measure(model, tokenizer, lengths, method_names, budgets, repeats) -> list[dict]:
-    rows = []
-    for length in lengths:
-        ids = prompt_ids(tokenizer, length).to(model.device)
-        time_plain_prefill(model, ids[:, :256])  # warm-up
-        samples: dict[str, list] = {"prefill": []}
-        methods = [get_method(name, budget=b) for name in method_names for b in budgets if name != "full"]
-        for _ in range(repeats):
-            samples["prefill"].append(time_plain_prefill(model, ids))
-            for method in methods:
-                samples.setdefault(method.label(), []).append(time_compressing_prefill(model, ids, method))
-        prefill = statistics.median(samples["prefill"])
+def build_methods(names: list[str], budgets: list[float]) -> tuple[list, dict[str, str]]:
+    """Methods to time, and the reason for each one that cannot be built."""
+    methods, skipped = [], {}
+    for name in names:
+        if name == "full":
+            continue
+        for budget in budgets:
+            try:
+                methods.append(get_method(name, budget=budget))
+            except (ValueError, TypeError) as error:
+                skipped[f"{name}@{budget:g}"] = str(error)
+    return methods, skipped
+
+
+def measure_length(model, ids: torch.Tensor, methods: list, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per label: lists (one entry per repeat) of prefill, scoring and method seconds."""
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for _ in range(repeats):
+        prefill_seconds = time_plain_prefill(model, ids)
+        prefill = record_prefill(model, ids)
         for method in methods:
-            runs = samples[method.label()]
-            scoring = statistics.median(r[1] for r in runs)
-            compressing = statistics.median(r[2] for r in runs)
-            rows.append(
-                {
-                    "length": length,
-                    "method": method.label(),
-                    "prefill_s": prefill,
-                    "scoring_s": scoring,
-                    "compressing_s": compressing,
-                    "overhead_ratio": (scoring + compressing) / prefill,
-                    "method_only_ratio": compressing / prefill,
-                }
-            )
-            print(_format(rows[-1]), flush=True)
-    return rows
+            _, report = compress_prefill(fresh_statistics(prefill), method)
+            row = samples[method.label()]
+            row["prefill"].append(prefill_seconds)
+            row["recorded_prefill"].append(prefill.seconds)
+            row["scoring"].append(report.seconds_scoring)
+            row["method"].append(report.seconds_compressing)
+        del prefill
+    return samples
 
 
-def _format(row: dict) -> str:
+def summarise(dtype: str, length: int, label: str, runs: dict[str, list[float]]) -> dict:
+    compress_seconds = [s + m for s, m in zip(runs["scoring"], runs["method"])]
+    return {
+        "dtype": dtype,
+        "length": length,
+        "method": label,
+        "repeats": len(runs["prefill"]),
+        "prefill_s": median(runs["prefill"]),
+        "recorded_prefill_s": median(runs["recorded_prefill"]),
+        "scoring_s": median(runs["scoring"]),
+        "method_s": median(runs["method"]),
+        "overhead_ratio": median_ratio(compress_seconds, runs["prefill"]),
+        "scoring_ratio": median_ratio(runs["scoring"], runs["prefill"]),
+        "method_ratio": median_ratio(runs["method"], runs["prefill"]),
+    }
+
+
+def growth(rows: list[dict]) -> list[dict]:
+    """Per dtype and method, the growth exponent of each part (needs two lengths or more)."""
+    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        grouped[(row["dtype"], row["method"])].append(row)
+    fits = []
+    for (dtype, method), group in grouped.items():
+        lengths = [r["length"] for r in group]
+        if len(set(lengths)) < 2:
+            continue
+        fit = {"dtype": dtype, "method": method, "lengths": lengths}
+        for part in ("prefill_s", "scoring_s", "method_s", "overhead_ratio"):
+            values = [r[part] for r in group]
+            fit[part.removesuffix("_s") + "_exponent"] = growth_exponent(lengths, values) if min(values) > 0 else None
+        fits.append(fit)
+    return fits
+
+
+def format_row(row: dict) -> str:
     return (
-        f"{row['length']:>6} {row['method']:<18} prefill {row['prefill_s']:7.2f}s  scoring {row['scoring_s'] * 1e3:7.0f}ms"
-        f"  method {row['compressing_s'] * 1e3:6.0f}ms  (scoring+method)/prefill {row['overhead_ratio']:.3f}"
-        f"  method/prefill {row['method_only_ratio']:.4f}"
+        f"{row['dtype']:<9} {row['length']:>6} {row['method']:<22} prefill {row['prefill_s']:7.2f}s"
+        f"  scoring {row['scoring_s'] * 1e3:8.0f}ms  method {row['method_s'] * 1e3:7.1f}ms"
+        f"  (scoring+method)/prefill {row['overhead_ratio']:6.3f}  method/prefill {row['method_ratio']:.4f}"
     )
 
 
-def main() -> None:
+def format_fit(fit: dict) -> str:
+    def show(value):
+        return "  n/a" if value is None else f"{value:5.2f}"
+
+    return (
+        f"{fit['dtype']:<9} {fit['method']:<22} time ~ length^k: prefill {show(fit['prefill_exponent'])}"
+        f"  scoring {show(fit['scoring_exponent'])}  method {show(fit['method_exponent'])}"
+        f"  overhead ratio {show(fit['overhead_ratio_exponent'])}"
+    )
+
+
+def estimate_seconds(lengths: list[int], dtypes: list[str], methods: int, repeats: int) -> float:
+    """A rough runtime on the 2-core VM, from prefill speeds measured there."""
+    total = 0.0
+    for dtype in dtypes:
+        slowdown = BF16_SLOWDOWN if dtype == "bfloat16" else 1.0
+        for length in lengths:
+            prefill = PREFILL_SECONDS_2K * (length / 2048) ** 1.3 * slowdown
+            total += repeats * (2 * prefill + methods * 0.4 * prefill * (length / 2048) ** 0.4)
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--methods", nargs="+", default=sorted(set(METHODS) - {"full"}))
+    parser.add_argument("--model", default=None, help="model folder, id or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
+    parser.add_argument("--methods", nargs="+", default=None, help="registered names (default: all but full)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/overhead.json"))
-    args = parser.parse_args()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.dtype}, medians of {args.repeats}")
-    rows = measure(model, tokenizer, args.lengths, args.methods, args.budgets, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"dtype": args.dtype, "rows": rows}, indent=2))
-    print(f"# written to {args.out}")
+    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    names = args.methods or sorted(set(METHODS) - {"full"})
+    methods, skipped = build_methods(names, args.budgets)
+    info = machine()
+    print(f"# {describe_machine(info)}; medians of {args.repeats}")
+    estimate = estimate_seconds(args.lengths, args.dtypes, len(methods), args.repeats)
+    print(f"# expected runtime on the 2-core VM: about {minutes(estimate)}")
+    for label, reason in skipped.items():
+        print(f"# skipped {label}: {reason}")
+    rows = []
+    for dtype in args.dtypes:
+        model, tokenizer = load_model(args.model, dtype=dtype)
+        for length in args.lengths:
+            ids = essay_ids(tokenizer, length)
+            time_plain_prefill(model, ids[:, :256])  # warm-up
+            samples = measure_length(model, ids, methods, args.repeats)
+            for method in methods:
+                rows.append(summarise(dtype, length, method.label(), samples[method.label()]))
+                print(format_row(rows[-1]), flush=True)
+        del model
+    fits = growth(rows)
+    for fit in fits:
+        print(format_fit(fit))
+    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_results(args.out, {"command": command.strip(), "machine": info, "skipped": skipped, "rows": rows, "growth": fits})
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

