@@ -1,0 +1,150 @@
+"""`kvmerger eval`: any model, methods, budgets, tasks, protocol, lengths and sample counts.
+
+Writes a results folder (default results/eval/<timestamp>, or results/eval/<--name>):
+`records.jsonl` (one record per cell, with its provenance), `summary.csv`, `figures/*.png`,
+`report.md` and `run.json` (the settings of the latest invocation). Run the same command with the
+same `--out` again to resume an interrupted run: finished cells are kept and not redone.
+
+Methods and tasks take parameters after a colon: `kvmerger:mode=paper,sigma=5`,
+`passkey:chat=True`, `lm:continuation=128`, `longbench:dataset=qasper`. Without --methods it runs
+the full cache, KVMerger and the baselines (`--methods all`: every registered method). Tasks:
+passkey, needle, lm (language modelling), ruler-niah, ruler-vt, ruler-cwe, ruler-fwe, longbench
+(with --data-dir). Query-aware answers take their first token from the full-cache prefill (see
+kvmerger/evaluation/generation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from kvmerger.cli.options import add_model_options, budget, load
+
+DEFAULT_TASKS = ["passkey", "needle", "lm"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "eval",
+        help="evaluate methods x budgets on tasks, offline, with resumable results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(parser)
+    parser.add_argument(
+        "--tasks", nargs="+", default=DEFAULT_TASKS, metavar="TASK[:NAME=VALUE,...]", help="default: passkey needle lm"
+    )
+    add_method_options(parser)
+    parser.add_argument(
+        "--protocol",
+        choices=["query-aware", "query-agnostic", "both"],
+        default="query-aware",
+        help="question compressed with the context (query-aware, the paper's), after it (query-agnostic), or both",
+    )
+    parser.add_argument("--lengths", nargs="+", type=int, default=[2048], help="context lengths in tokens")
+    parser.add_argument("--samples", type=int, default=5, help="samples per task and length (depths for passkey/needle)")
+    parser.add_argument("--data-dir", type=Path, help="folder of LongBench {dataset}.jsonl files, for tasks that read data")
+    add_output_options(parser)
+    return parser
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD[:NAME=VALUE,...]",
+        help="methods to run (default: full, KVMerger and the baselines; `all`: every registered method, "
+        "see `kvmerger methods`)",
+    )
+    parser.add_argument("--budgets", nargs="+", type=budget, default=[0.5, 0.35], help="shares of the cache kept")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="results folder (give an existing one to resume it)")
+    parser.add_argument("--name", help="results folder name under results/<command>/ instead of a timestamp")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmerger.evaluation.runner import PROTOCOLS, RunSettings, TaskPlan
+    from kvmerger.evaluation.suites import paper_comparison
+
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1; got {args.samples}")
+    shared = {}
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder (it should hold {{dataset}}.jsonl files)")
+        shared["data_dir"] = str(args.data_dir)
+    plans = [TaskPlan.parse(spec, args.lengths, args.samples, shared) for spec in args.tasks]
+    methods = method_specs(args.methods) or paper_comparison()
+    settings = RunSettings(plans, methods, list(args.budgets), protocols, args.seed)
+    return execute(args, settings, "eval", "KV cache compression: quality at a budget")
+
+
+def method_specs(texts: list[str] | None):
+    """MethodSpecs from --methods: None when not given (the default set), every registered method for "all"."""
+    from kvmerger.evaluation.runner import MethodSpec, all_methods
+
+    if texts is None:
+        return None
+    if texts == ["all"]:
+        return all_methods()
+    return [MethodSpec.parse(text) for text in texts]
+
+
+def output_folder(args: argparse.Namespace, command: str) -> Path:
+    if args.out is not None:
+        return args.out
+    name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results") / command / name
+
+
+def execute(args: argparse.Namespace, settings, command: str, title: str) -> int:
+    """Load the model, run `settings` into the results folder, write the summary, figures and report."""
+    from kvmerger.evaluation.records import write_atomically
+    from kvmerger.evaluation.report import write_outputs
+    from kvmerger.evaluation.runner import Runner
+    from kvmerger.models import DEFAULT_MODEL
+
+    folder = output_folder(args, command)
+    model, tokenizer = load(args)
+    model_name = str(args.model) if args.model else DEFAULT_MODEL
+    runner = Runner(model, tokenizer, settings, folder, model_name=model_name, progress=not args.no_progress)
+    variants = settings.variants()
+    print(
+        f"kvmerger {command}: {len(settings.plans)} tasks, {len(variants)} method x budget variants, "
+        f"protocols {', '.join(settings.protocols)}; results in {folder} (run again with --out {folder} to resume)",
+        file=sys.stderr,
+    )
+    write_atomically(
+        folder / "run.json",
+        json.dumps({"command": command, "settings": settings.describe(), **runner.provenance}, indent=2, default=str),
+    )
+    try:
+        outcome = runner.run()
+    except KeyboardInterrupt:
+        print(
+            f"\nkvmerger {command}: interrupted; every finished cell is saved in {folder / 'records.jsonl'}. "
+            f"Run the same command with --out {folder} to go on from there.",
+            file=sys.stderr,
+        )
+        return 130
+    if outcome.truncated is not None:
+        print(
+            f"kvmerger {command}: the records ended with an incomplete line from an interrupted run; it was set aside "
+            f"in {folder / 'records.jsonl.truncated'} and its cell was run again",
+            file=sys.stderr,
+        )
+    if outcome.skipped:
+        print(f"kvmerger {command}: {outcome.skipped} of {outcome.cells} cells were already done", file=sys.stderr)
+    outputs = write_outputs(folder, {"title": title})
+    print(outputs.table)
+    print(f"\nreport: {outputs.report}\nsummary: {outputs.summary}\nfigures: {len(outputs.figures)} in {folder / 'figures'}")
+    return 0

@@ -1,0 +1,193 @@
+"""The figures of a results folder, as PNG files (matplotlib's Agg canvas; no display, no pyplot state).
+
+* `score_<task>_<protocol>.png`: score against budget, one line per method, the full cache as a
+  dashed reference line.
+* `lm_<task>.png`: language modelling, KL from the full cache and perplexity against budget (the
+  full cache's perplexity as the reference line).
+* `needle_<method>_<protocol>.png`: for the needle task, one heatmap per budget of the method:
+  context length (rows) x needle depth (columns), the mean score in each cell.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+from kvmerger.evaluation.records import write_atomically
+from kvmerger.evaluation.report import KVMERGER, Row, method_order
+
+NEEDLE_TASK = "needle"
+HEATMAP = LinearSegmentedColormap.from_list("score", ["#d7301f", "#fdcc8a", "#1a9850"])
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+def write_figures(records: list[dict[str, Any]], rows: list[Row], folder: Path) -> list[tuple[str, Path]]:
+    """Every figure the records allow; returns (title, path) pairs."""
+    figures = []
+    by_task: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        by_task[(row.task, row.protocol)].append(row)
+    for (task, protocol), task_rows in by_task.items():
+        if task_rows[0].is_language_modeling:
+            title = f"{task}: KL from the full cache and perplexity vs budget"
+            figures.append((title, save(language_modeling_figure(task_rows, title), folder / f"lm_{safe_name(task)}.png")))
+        else:
+            title = f"{task} ({protocol}): score vs budget"
+            path = folder / f"score_{safe_name(task)}_{safe_name(protocol)}.png"
+            figures.append((title, save(score_figure(task_rows, title), path)))
+    figures += needle_heatmaps(records, folder)
+    return figures
+
+
+def _lines(rows: list[Row]) -> tuple[dict[str, list[Row]], Row | None]:
+    lines: dict[str, list[Row]] = defaultdict(list)
+    full = None
+    for row in sorted(rows, key=lambda r: (method_order(r.method, r.method_name), r.budget)):
+        if row.method_name == "full":
+            full = row
+        else:
+            lines[row.method].append(row)
+    return lines, full
+
+
+def _style(index: int, label: str) -> dict[str, Any]:
+    colours = [f"C{i}" for i in range(10)]
+    mine = label.split("[")[0] == KVMERGER
+    return {
+        "color": "black" if mine else colours[index % 10],
+        "linewidth": 2.6 if mine else 1.4,
+        "marker": "o" if mine else "os^vD<>ph*"[index % 10],
+        "markersize": 6 if mine else 4,
+        "zorder": 3 if mine else 2,
+    }
+
+
+def score_figure(rows: list[Row], title: str) -> Figure:
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    lines, full = _lines(rows)
+    for index, (label, points) in enumerate(lines.items()):
+        axes.plot([p.budget for p in points], [p.score for p in points], label=label, **_style(index, label))
+    if full is not None:
+        axes.axhline(full.score, color="grey", linestyle="--", linewidth=1.2, label=f"full cache ({full.score:.2f})")
+    axes.set_xlabel("budget (share of the prompt's cache kept)")
+    axes.set_ylabel("score")
+    axes.set_ylim(-0.03, 1.03)
+    _budget_axis(axes, rows)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
+
+
+def language_modeling_figure(rows: list[Row], title: str) -> Figure:
+    figure = Figure(figsize=(10.5, 4.0))
+    kl_axes, ppl_axes = figure.subplots(1, 2)
+    lines, full = _lines(rows)
+    for index, (label, points) in enumerate(lines.items()):
+        budgets = [p.budget for p in points]
+        kl_axes.plot(budgets, [p.kl for p in points], label=label, **_style(index, label))
+        ppl_axes.plot(budgets, [p.perplexity for p in points], label=label, **_style(index, label))
+    if full is not None:
+        ppl_axes.axhline(full.perplexity, color="grey", linestyle="--", linewidth=1.2, label=f"full cache ({full.perplexity:.2f})")
+    kl_axes.set_ylabel("mean KL(full || compressed) per token, nats")
+    kls = [p.kl for points in lines.values() for p in points]
+    if kls and min(kls) > 0:
+        _log_axis(kl_axes, min(kls), max(kls))  # methods differ by orders of magnitude
+    perplexities = [p.perplexity for points in lines.values() for p in points]
+    if perplexities and max(perplexities) > 2 * min(perplexities):
+        _log_axis(ppl_axes, min(perplexities), max(perplexities))
+    ppl_axes.set_ylabel("perplexity of the continuation")
+    for axes in (kl_axes, ppl_axes):
+        axes.set_xlabel("budget")
+        _budget_axis(axes, rows)
+        axes.grid(alpha=0.3)
+    ppl_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def _log_axis(axes, low: float, high: float) -> None:
+    """A log y axis with plain numbers; minor ticks labelled only when the range is under a decade."""
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axes.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if high < 10 * low else NullFormatter())
+
+
+def _budget_axis(axes, rows: list[Row]) -> None:
+    budgets = sorted({row.budget for row in rows if row.method_name != "full"})
+    if budgets:
+        axes.set_xticks(budgets)
+        axes.set_xticklabels([f"{b:g}" for b in budgets])
+        margin = max(0.05, 0.1 * (budgets[-1] - budgets[0]))
+        axes.set_xlim(budgets[0] - margin, budgets[-1] + margin)
+
+
+def needle_heatmaps(records: list[dict[str, Any]], folder: Path) -> list[tuple[str, Path]]:
+    """One figure per needle task variant, method and protocol; one panel per budget."""
+    cells: dict[tuple, dict[float, dict[tuple[int, float], list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    names: dict[tuple, str] = {}
+    for record in records:
+        if record["task_name"] != NEEDLE_TASK:
+            continue
+        figure_key = (record["task"], record["method_label"], record["protocol"])
+        names[figure_key] = record["method"]
+        depth = float(record["sample_meta"]["depth"])
+        cells[figure_key][record["budget"]][(int(record["length"]), depth)].append(float(record["score"]))
+    figures = []
+    ordered = sorted(cells, key=lambda k: (k[0], method_order(k[1], names[k]), k[2]))
+    for task, label, protocol in ordered:
+        title = f"{task}, {label} ({protocol})"
+        figure = heatmap_figure(cells[(task, label, protocol)], title)
+        name = f"{safe_name(task)}_{safe_name(label)}_{safe_name(protocol)}.png"
+        figures.append((title, save(figure, folder / name)))
+    return figures
+
+
+def heatmap_figure(panels: dict[float, dict[tuple[int, float], list[float]]], title: str) -> Figure:
+    budgets = sorted(panels, reverse=True)
+    figure = Figure(figsize=(1.2 + 3.6 * len(budgets), 3.4))
+    axes_list = np.atleast_1d(figure.subplots(1, len(budgets)))
+    image = None
+    for position, (axes, budget) in enumerate(zip(axes_list, budgets, strict=True)):
+        grid = panels[budget]
+        lengths = sorted({length for length, _ in grid})
+        depths = sorted({depth for _, depth in grid})
+        values = np.full((len(lengths), len(depths)), np.nan)
+        for (length, depth), scores in grid.items():
+            values[lengths.index(length), depths.index(depth)] = float(np.mean(scores))
+        image = axes.imshow(values, cmap=HEATMAP, vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+        axes.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=8)
+        axes.set_yticks(range(len(lengths)), [str(length) for length in lengths], fontsize=8)
+        axes.set_xlabel("needle depth")
+        if position == 0:
+            axes.set_ylabel("context tokens")
+        axes.set_title(f"budget {budget:g}", fontsize=9)
+        for (row, column), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    figure.colorbar(image, ax=list(axes_list), shrink=0.85, label="score")
+    figure.suptitle(title, fontsize=10)
+    return figure

@@ -1,0 +1,274 @@
+"""The evaluation runner on a tiny random model with a byte tokenizer: one prefill per sample and
+protocol, resume after an interruption without redoing or losing cells, a crash's truncated last
+line, provenance in every record, and the summary CSV and report computed from the records."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvmerger.evaluation.runner as runner_module
+from kvmerger.evaluation.records import RecordStore
+from kvmerger.evaluation.report import write_outputs
+from kvmerger.evaluation.runner import MethodSpec, Runner, RunSettings, TaskPlan, method_label
+from kvmerger.evaluation.tasks import get_task
+from tests.conftest import build_tiny
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocabulary 256), id 0 as end of sequence: enough for the tasks."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None, verbose=False):
+        ids = list(text.encode("utf-8"))
+        return _Encoding(torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i for i in ids if i != 0 or not skip_special_tokens).decode("utf-8", errors="replace")
+
+
+class _Encoding:
+    def __init__(self, input_ids):
+        self.input_ids = input_ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's operations are microseconds long: with several threads, synchronising them
+    costs more than the work, and on a busy machine ten times more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_tiny("llama", vocab_size=256)
+    model.generation_config.eos_token_id = 0
+    return model, ByteTokenizer()
+
+
+def settings(methods=("full", "kvmerger", "streaming-llm"), budgets=(0.5, 0.35)) -> RunSettings:
+    return RunSettings(
+        plans=[
+            TaskPlan(get_task("passkey"), (400,), 2),
+            TaskPlan(get_task("lm", continuation=8), (160,), 2),
+        ],
+        methods=[MethodSpec(name) for name in methods],
+        budgets=list(budgets),
+        protocols=["query-aware", "query-agnostic"],
+        seed=0,
+    )
+
+
+VARIANTS = 5  # full, then kvmerger and streaming-llm at 2 budgets
+GROUPS = 2 * 2 + 2  # passkey: 2 samples x 2 protocols; lm: 2 windows
+CELLS = GROUPS * VARIANTS
+
+
+def run(tiny, folder: Path, config: RunSettings | None = None, **kwargs):
+    model, tokenizer = tiny
+    return Runner(model, tokenizer, config or settings(), folder, model_name="tiny", progress=False, **kwargs).run()
+
+
+@pytest.fixture
+def count_prefills(monkeypatch):
+    calls = []
+    original = runner_module.record_prefill
+
+    def counting(model, ids, **kwargs):
+        calls.append(ids.shape[-1])
+        return original(model, ids, **kwargs)
+
+    monkeypatch.setattr(runner_module, "record_prefill", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    outcome = run(tiny, folder)
+    return folder, outcome, RecordStore(folder).load().records
+
+
+def test_one_record_per_cell_and_one_prefill_per_sample_and_protocol(tiny, tmp_path, count_prefills):
+    outcome = run(tiny, tmp_path)
+    records = RecordStore(tmp_path).load().records
+    assert outcome.cells == outcome.ran == len(records) == CELLS
+    assert len({record["key"] for record in records}) == CELLS
+    assert len(count_prefills) == GROUPS
+    passkey = {(r["sample"], r["method_label"], r["budget"], r["protocol"]): r for r in records if r["task_name"] == "passkey"}
+    for (sample, label, budget, protocol), aware in passkey.items():
+        if protocol == "query-aware":  # context + question prefilled; query-agnostic: the context alone
+            agnostic = passkey[(sample, label, budget, "query-agnostic")]
+            assert aware["prefill_tokens"] == agnostic["prefill_tokens"] + agnostic["question_tokens"]
+    assert {r["protocol"] for r in records if r["task_name"] == "lm"} == {"teacher-forced"}
+
+
+def test_records_carry_their_provenance(finished):
+    _, _, records = finished
+    record = next(r for r in records if r["method"] == "kvmerger" and r["budget"] == 0.35)
+    assert record["method_params"] == get_method_params("kvmerger", 0.35)
+    assert record["task_params"] == {"task": "passkey", "chat": False}
+    assert record["seed"] == 0 and record["protocol"] in ("query-aware", "query-agnostic")
+    provenance = record["provenance"]
+    assert provenance["versions"]["torch"] == torch.__version__
+    assert {"kvmerger", "transformers", "python"} <= set(provenance["versions"])
+    assert "commit" in provenance["git"] and "dirty" in provenance["git"]
+    assert provenance["model"]["name"] == "tiny" and len(provenance["model"]["config_hash"]) == 12
+    assert provenance["model"]["parameters"] > 0 and provenance["model"]["dtype"] == "float32"
+    assert provenance["hardware"]["cpu_count"] >= 1 and provenance["hardware"]["device"] == "cpu"
+    assert datetime.datetime.fromisoformat(provenance["date"]).tzinfo is not None
+    assert record["cache"]["memory_ratio"] == pytest.approx(0.35, abs=0.01)
+    assert all(slots == record["cache"]["slots_after"][0] for slots in record["cache"]["slots_after"])
+
+
+def get_method_params(name: str, budget: float) -> dict:
+    from kvmerger.methods import get_method
+
+    return get_method(name, budget=budget).describe()
+
+
+def test_language_modelling_records_compare_with_the_full_cache(finished):
+    _, _, records = finished
+    lm = [r for r in records if r["task_name"] == "lm"]
+    full = [r for r in lm if r["method"] == "full"]
+    assert all(r["metrics"]["kl"] == 0.0 and r["score"] == 1.0 for r in full)
+    compressed = [r for r in lm if r["method"] == "kvmerger"]
+    assert all(r["metrics"]["kl"] > 0 and r["metrics"]["perplexity"] > 1 for r in compressed)
+    assert all(r["scored_tokens"] == 8 for r in lm)
+
+
+def test_cell_keys_are_stable_and_change_with_any_parameter(tiny, tmp_path):
+    model, tokenizer = tiny
+    keys = lambda config: {  # noqa: E731
+        cell.key
+        for group in Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
+        for cell in group.cells
+    }
+    assert keys(settings()) == keys(settings())
+    changed = settings()
+    changed.methods = [MethodSpec("full"), MethodSpec("kvmerger", {"size_bias": True})]
+    assert keys(changed) & keys(settings()) == {k for k in keys(settings()) if "/full@1#" in k}
+    assert method_label(changed.methods[1].variants([0.5])[0]) == "kvmerger[size_bias=True]"
+
+
+def test_an_interrupted_run_resumes_without_redoing_or_losing_cells(tiny, tmp_path, monkeypatch, count_prefills):
+    appended = []
+    original = RecordStore.append
+
+    def crash_after_seven(self, record):
+        if len(appended) == 7:
+            raise KeyboardInterrupt
+        appended.append(record["key"])
+        original(self, record)
+
+    monkeypatch.setattr(RecordStore, "append", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path)
+    monkeypatch.setattr(RecordStore, "append", original)
+    before = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(before) == 7
+    count_prefills.clear()
+
+    outcome = run(tiny, tmp_path)
+    after = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert outcome.skipped == 7 and outcome.ran == CELLS - 7
+    assert after[:7] == before  # finished cells kept as they were
+    assert len(after) == len({json.loads(line)["key"] for line in after}) == CELLS
+    # the group that was cut in the middle is prefilled again, the finished ones are not
+    assert len(count_prefills) == GROUPS - 7 // VARIANTS
+
+    again = run(tiny, tmp_path)
+    assert again.ran == 0 and again.skipped == CELLS
+
+
+def test_a_truncated_last_line_is_set_aside_and_its_cell_run_again(tiny, tmp_path, finished):
+    folder, _, records = finished
+    lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
+    torn = lines[-1][: len(lines[-1]) // 2]
+    (tmp_path / "records.jsonl").write_text("".join(lines[:-1]) + torn)
+
+    outcome = run(tiny, tmp_path)
+    assert outcome.truncated == torn and outcome.ran == 1 and outcome.skipped == CELLS - 1
+    assert (tmp_path / "records.jsonl.truncated").read_text() == torn + "\n"
+    reloaded = RecordStore(tmp_path).load()
+    assert reloaded.truncated is None and len(reloaded.records) == CELLS
+    assert reloaded.records[-1]["key"] == records[-1]["key"]
+
+
+def test_a_broken_line_in_the_middle_is_an_error(tmp_path):
+    (tmp_path / "records.jsonl").write_text('{"key": "a"}\n{"key": \n{"key": "c"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        RecordStore(tmp_path).load()
+
+
+def test_a_results_folder_holds_one_model(tiny, tmp_path, finished):
+    folder, _, _ = finished
+    (tmp_path / "records.jsonl").write_text((folder / "records.jsonl").read_text())
+    other = build_tiny("llama", seed=1, vocab_size=256)
+    with pytest.raises(ValueError, match="another model"):
+        Runner(other, ByteTokenizer(), settings(), tmp_path, model_name="other", progress=False).run()
+
+
+def test_summary_csv_and_report_are_computed_from_the_records(finished):
+    folder, _, records = finished
+    outputs = write_outputs(folder)
+    with open(outputs.summary, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * VARIANTS  # passkey under 2 protocols, lm under 1
+    for row in rows:
+        cells = [
+            r
+            for r in records
+            if (r["task"], r["protocol"], r["method_label"], r["budget"])
+            == (row["task"], row["protocol"], row["method"], float(row["budget"]))
+        ]
+        assert int(row["cells"]) == len(cells) == 2
+        assert float(row["score"]) == pytest.approx(statistics.fmean(r["score"] for r in cells), rel=1e-5)
+        assert float(row["memory_ratio"]) == pytest.approx(statistics.fmean(r["cache"]["memory_ratio"] for r in cells), rel=1e-5)
+        if row["task"].startswith("lm"):
+            assert float(row["kl"]) == pytest.approx(statistics.fmean(r["metrics"]["kl"] for r in cells), rel=1e-5)
+            nll = statistics.fmean(r["metrics"]["nll"] for r in cells)
+            assert float(row["perplexity"]) == pytest.approx(2.718281828459045**nll, rel=1e-5)
+        else:
+            assert row["kl"] == row["perplexity"] == ""
+    full = [row for row in rows if row["method"] == "full"]
+    assert all(float(row["memory_ratio"]) == 1.0 and row["budget"] == "1" for row in full)
+
+    report = outputs.report.read_text()
+    assert "| method | budget |" in report and "| kvmerger | 0.35 |" in report
+    assert "## Where KVMerger wins and loses" in report and "**kvmerger at budget 0.5**" in report
+    for title, path in outputs.figures:
+        assert path.is_file() and f"]({path.relative_to(folder).as_posix()})" in report
+    names = {path.name for _, path in outputs.figures}
+    assert {"score_passkey_query-aware.png", "score_passkey_query-agnostic.png", "lm_lm_continuation_8.png"} <= names
+
+
+def test_bad_settings_are_refused_with_what_is_allowed():
+    with pytest.raises(ValueError, match="known methods: .*kvmerger"):
+        MethodSpec("no-such-method")
+    with pytest.raises(ValueError, match="known tasks: .*needle"):
+        TaskPlan.parse("no-such-task", [512], 1)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        RunSettings([TaskPlan(get_task("passkey"), (400,), 1)], [MethodSpec("full")], [1.5])
+    with pytest.raises(ValueError, match="protocols"):
+        RunSettings([TaskPlan(get_task("passkey"), (400,), 1)], [MethodSpec("full")], [0.5], ["sideways"])
+    with pytest.raises(ValueError, match="--budgets"):
+        MethodSpec("kvmerger", {"budget": 0.5})
+
+
+def test_a_context_longer_than_the_model_allows_is_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    config = RunSettings([TaskPlan(get_task("passkey"), (1020,), 1)], [MethodSpec("full")], [0.5])
+    with pytest.raises(ValueError, match="context of 1024 tokens; use lengths up to 1012"):
+        Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False)
