@@ -10,7 +10,8 @@ import yaml
 
 from kvmerger.evaluation.tasks import get_task
 from kvmerger.evaluation.tasks.longbench import LongBench, middle_truncation, prompts
-from kvmerger.evaluation.tasks.ruler import RULER_CONFIGS, RulerCWE, RulerNIAH, RulerVT, ruler_task, sample_tokens
+from kvmerger.evaluation.tasks.prompting import sample_tokens
+from kvmerger.evaluation.tasks.ruler import RULER_CONFIGS, RulerCWE, RulerNIAH, RulerVT, ruler_task
 from kvmerger.evaluation.texts import data_path, essays
 
 TARGET = 1500

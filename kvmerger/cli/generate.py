@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     question = args.question
     if args.chat:
-        from kvmerger.evaluation.tasks.passkey import _chat_wrap
+        from kvmerger.evaluation.tasks.prompting import render_prompt
 
-        context, question = _chat_wrap(tokenizer, context, question)
+        context, question = render_prompt(tokenizer, True, context + "\n\n", question)
     result = answer(model, tokenizer, method, context, question, args.protocol, args.max_new_tokens)
     print(result["answer"])
     print(

@@ -332,7 +332,7 @@ class Runner:
         self._check_fits(group, context_ids.shape[1] + question_ids.shape[1] + task.max_new_tokens)
         prefill = record_prefill(self.model, prompt_ids)
         options = dict(
-            max_new_tokens=task.max_new_tokens, stop_strings=getattr(task, "stop_strings", ()), eos_ids=self.eos_ids
+            max_new_tokens=task.max_new_tokens, stop_strings=task.stop_strings, eos_ids=self.eos_ids
         )
         for cell in group.cells:
             bar.set_postfix_str(cell.label + _budget_suffix(cell.method), refresh=False)

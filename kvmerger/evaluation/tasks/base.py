@@ -35,6 +35,7 @@ class Task(ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     max_new_tokens: ClassVar[int] = 32
+    stop_strings: ClassVar[tuple[str, ...]] = ()  # generation stops at the first of these in the answer
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

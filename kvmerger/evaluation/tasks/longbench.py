@@ -73,7 +73,7 @@ from kvmerger.evaluation.metrics import (
     rouge_zh_score,
 )
 from kvmerger.evaluation.tasks.base import Sample, Task
-from kvmerger.evaluation.tasks.ruler import render_prompt
+from kvmerger.evaluation.tasks.prompting import render_prompt
 from kvmerger.evaluation.texts import data_path
 
 METRICS: dict[str, Callable[..., float]] = {  # eval.py dataset2metric

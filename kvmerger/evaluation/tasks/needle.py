@@ -37,7 +37,7 @@ from typing import ClassVar
 
 from kvmerger.evaluation.metrics import keyword_recall
 from kvmerger.evaluation.tasks.base import Sample, Task
-from kvmerger.evaluation.tasks.ruler import fit_filler, render_prompt
+from kvmerger.evaluation.tasks.prompting import fit_filler, render_prompt
 from kvmerger.evaluation.texts import cut_to_tokens, essays, previous_sentence_end
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."

@@ -30,7 +30,7 @@ from typing import ClassVar
 from kvmerger.evaluation.metrics import contains_answer
 from kvmerger.evaluation.tasks.base import Sample, Task
 from kvmerger.evaluation.tasks.needle import insert_at_depth
-from kvmerger.evaluation.tasks.ruler import fit_filler
+from kvmerger.evaluation.tasks.prompting import fit_filler, render_prompt
 from kvmerger.evaluation.texts import cut_to_tokens, essays
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -48,22 +48,12 @@ def passkey_sample(tokenizer, context_tokens: int, depth: float, seed: int, *, c
         haystack = cut_to_tokens(tokenizer, essays(), haystack_tokens)
         context = insert_at_depth(tokenizer, haystack, NEEDLE.format(key=key), depth, paragraph=True)
         if chat:
-            context, question = _chat_wrap(tokenizer, context, CHAT_QUESTION)
+            context, question = render_prompt(tokenizer, True, context + "\n\n", CHAT_QUESTION)
         else:
             question = "\n\n" + QUESTION
         return Sample("passkey", context, question, [key], {"depth": depth, "seed": seed, "chat": chat})
 
     return fit_filler(build, tokenizer, context_tokens)
-
-
-def _chat_wrap(tokenizer, context: str, question: str) -> tuple[str, str]:
-    """Split a chat-formatted prompt into the part before the question and the rest."""
-    marker = "\x00QUESTION\x00"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": context + "\n\n" + marker}], tokenize=False, add_generation_prompt=True
-    )
-    before, after = rendered.split(marker)
-    return before, question + after
 
 
 @dataclass
