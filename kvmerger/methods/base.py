@@ -108,15 +108,21 @@ def keep_slots(state: SlotState, keep: torch.Tensor) -> SlotState:
     )
 
 
+def keep_highest(state: SlotState, scores: torch.Tensor) -> SlotState:
+    """Evict down to the budget: keep the `target_slots` slots with the highest `scores`
+    ([B, Hkv, N]); padding slots (set size 0) go first."""
+    ranked = scores.float().masked_fill(state.set_sizes == 0, float("-inf"))
+    return keep_slots(state, top_indices(ranked, state.target_slots))
+
+
 def hold_by_accumulated_attention(state: SlotState, recent: int) -> SlotState:
     """H2O's rule during generation: keep the `recent` newest slots and, among the others, those
     with the most accumulated attention (padding slots go first)."""
     length = state.keys.shape[-2]
     recent = min(recent, state.target_slots)
-    ranked = state.accumulated.masked_fill(state.set_sizes == 0, float("-inf"))
-    ranked = ranked.clone()
+    ranked = state.accumulated.clone()
     ranked[..., length - recent :] = float("inf")
-    return keep_slots(state, top_indices(ranked, state.target_slots))
+    return keep_highest(state, ranked)
 
 
 @dataclass

@@ -29,8 +29,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     keep_by_score,
-    keep_slots,
-    top_indices,
+    keep_highest,
 )
 
 
@@ -52,5 +51,4 @@ class KNorm(CompressionMethod):
         return keep_by_score(layer, negative_key_norm(layer.keys))
 
     def hold_budget(self, state: SlotState) -> SlotState:
-        ranked = negative_key_norm(state.keys).masked_fill(state.set_sizes == 0, float("-inf"))
-        return keep_slots(state, top_indices(ranked, state.target_slots))
+        return keep_highest(state, negative_key_norm(state.keys))

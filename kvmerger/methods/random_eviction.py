@@ -27,8 +27,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     keep_by_score,
-    keep_slots,
-    top_indices,
+    keep_highest,
 )
 
 _SEED_MIX = 1_000_003  # a prime: (seed, layer) pairs map to distinct generator seeds
@@ -71,5 +70,4 @@ class RandomEviction(CompressionMethod):
     def hold_budget(self, state: SlotState) -> SlotState:
         shape = tuple(state.set_sizes.shape)
         scores = uniform_draws(shape, state.keys.device, self.seed, state.layer_idx, state.seen_tokens)
-        ranked = scores.masked_fill(state.set_sizes == 0, float("-inf"))
-        return keep_slots(state, top_indices(ranked, state.target_slots))
+        return keep_highest(state, scores)

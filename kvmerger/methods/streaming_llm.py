@@ -34,8 +34,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     gather_tokens,
-    keep_slots,
-    top_indices,
+    keep_highest,
 )
 
 
@@ -74,5 +73,4 @@ class StreamingLLM(CompressionMethod):
         sinks = sink_count(self.n_sink, state.target_slots)
         ranked = state.positions.float()
         ranked = ranked.masked_fill((state.positions >= 0) & (state.positions < sinks), float("inf"))
-        ranked = ranked.masked_fill(state.set_sizes == 0, float("-inf"))
-        return keep_slots(state, top_indices(ranked, state.target_slots))
+        return keep_highest(state, ranked)

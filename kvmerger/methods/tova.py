@@ -35,8 +35,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     keep_by_score,
-    keep_slots,
-    top_indices,
+    keep_highest,
 )
 
 
@@ -60,5 +59,4 @@ class TOVA(CompressionMethod):
         return keep_by_score(layer, head_average(layer.scores.window_attention(1)))
 
     def hold_budget(self, state: SlotState) -> SlotState:
-        ranked = head_average(state.last_attention).masked_fill(state.set_sizes == 0, float("-inf"))
-        return keep_slots(state, top_indices(ranked, state.target_slots))
+        return keep_highest(state, head_average(state.last_attention))
