@@ -1,0 +1,401 @@
+"""Attention matching: keep the most attended keys, then fit a logit bias and a value per kept slot.
+
+Paper: Adam Zweiger, Xinghong Fu, Han Guo, Yoon Kim, "Fast KV Compaction via Attention Matching",
+arXiv 2602.16284 (2026); reference code github.com/adamzweiger/compaction (read, not copied). This
+is its AM-HighestAttnKeys variant (configuration "AM-HighestAttnKeys-basic" of the reference code's
+default algorithm config), per layer and KV head:
+
+1. Reference queries ``q_j`` (already multiplied by the attention scaling).
+2. Keys: the ``S = layer.slots`` keys with the highest RMS, over the reference queries, of their
+   softmax attention probability (the paper's "highest attention keys" with its RMS score).
+3. Biases (attention mass): with per-query shift ``m_j = max_t q_j.k_t``, target mass
+   ``y_j = sum_t exp(q_j.k_t - m_j)`` and design ``M_js = exp(q_j.k_s - m_j)`` over the kept keys,
+   solve ``min_{w >= 0} ||M w - y||^2`` as the reference code does: the least-squares solution, clamped
+   to the box ``[e^-3, e^3]``, then 2 projected-gradient steps (the reference code's step is
+   ``1 / ||M||_2^2`` by power iteration; here ``1 / (||M||_1 ||M||_inf)``, an upper bound of it read in
+   one pass, so every step is a descent step). Bias ``b_s = log w_s``, so
+   ``sum_s exp(q.k_s + b_s) = sum_s w_s exp(q.k_s)``.
+4. Values (attention output): with ``X_j = softmax_s(q_j.k_s + b_s)`` and the full-cache outputs
+   ``Y_j = softmax_t(q_j.k_t) V``, least squares ``min ||X C - Y||^2`` (reference code: ridge 0).
+
+Choices where the paper and its code do not apply to this engine (each one a parameter):
+
+* Reference queries: the paper's best sources (self-study, repeat-prefill) need extra generation or a
+  second prefill of the whole prompt; here the prompt's own query states are used, the paper's
+  "context-prefill" source (its third, "slightly worse than repeat-prefill"). Of
+  ``reference_queries`` prompt positions the last ``recent_queries`` (at most all) are taken and the others
+  drawn uniformly without replacement (``seed``); every position gives one query per query head,
+  pooled per KV head (as the reference code does for grouped-query attention). Default: the last 256
+  positions. Like repeat-prefill's queries, which come after the whole context, they have seen all
+  of it; queries drawn over the whole prompt, scored against keys they never saw, did much worse on
+  tuning windows (mean KL 0.0140 / 0.0183 / 0.1055 at budgets 0.5 / 0.35 / 0.1 with 512 drawn
+  positions; all 2048 positions: 0.0134 at 0.5 and 0.53 at 0.1; the last 256: 0.0042 / 0.0435 /
+  0.1108, the instability at the smaller budgets coming from the unregularised value fit).
+  (Tuning windows: ``essays()`` from character offsets 300000-600000, 2048 tokens, KL over the next
+  128; never the evaluation windows.)
+* ``causal=False`` (default, as the reference code treats context-prefill queries): each reference
+  query is scored against every prompt key, also the keys after its own position, which it never
+  attended to (with the default last queries, only a few keys). ``causal=True`` restricts both sides
+  of every equation to the keys the query saw (tokens ``t <= p``, kept slots at ``<= p``); with
+  uniformly drawn queries it was worse still (KL 0.149 at budget 0.5 on a tuning window): the RMS of
+  softmax probabilities over a few visible keys favours the earliest tokens.
+* Not on-policy: the reference code's "AM-HighestAttnKeys" extracts each layer's queries with the
+  earlier layers already compacted; here every layer's queries come from the one full-cache prefill
+  (its "-basic" configuration), as the engine compresses layer by layer during that prefill.
+* Underdetermined fits. The reference code has far more reference queries than kept keys and solves
+  plain least squares. With fewer rows than slots (a sample of queries, or a long prompt at a large
+  budget) plain least squares returns the minimum-norm solution, which pulls unconstrained values
+  toward zero. Here both fits are written as a correction of a prior, ``w = 1 + dw`` and
+  ``C = V_kept + dC``, with the minimum-norm (ridge) correction: when there are at least as many rows
+  as slots and the ridge is ~0 this is the reference code's solution; otherwise unconstrained slots
+  keep their own token's weight and value. If the clamped closed form is worse on the bias
+  objective than the prior itself, the projected steps start from the prior.
+* Ridge: ``ridge`` (values) and ``bias_ridge`` (weights) are relative to the mean eigenvalue of the
+  normal matrix (the reference code's "frobenius" scaling, ``lambda * ||X||_F^2 / S``), with a floor of
+  ``1e-6`` (the reference code's fallback ridge) so that every system is positive definite in float32.
+* Numerics: float32 throughout, log-sum-exp shifts per query, values solved in units of the row's
+  largest |value| and cast back to the cache dtype clamped to its finite range; biases stay finite
+  (the box floor ``e^-3`` keeps every slot alive). Batched over heads, no loop over heads or tokens.
+
+The fitting functions below are shared with kvmerger.methods.fitted_kvmerger.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvmerger.engine.scoring import LayerScores
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, top_indices
+
+RIDGE_FLOOR = 1e-6  # relative to the mean eigenvalue; the reference code's fallback ridge
+QUERY_CHUNK = 512  # reference-query rows per chunk when computing full-cache targets
+
+
+# --------------------------------------------------------------------------------------------
+# Reference queries and the full cache's targets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceQueries:
+    """Reference queries for rows of a layer (one row per batch element and KV head)."""
+
+    queries: torch.Tensor  # [N, R, d] float32, multiplied by the attention scaling
+    positions: torch.Tensor  # [R] long: prompt position of each query (same in every row)
+
+
+def sample_positions(length: int, count: int | None, recent: int, seed: int) -> torch.Tensor:
+    """Sorted prompt positions: the last `min(recent, count)` (at least one), plus uniform draws among
+    the others up to `count` in all (None or `count >= length`: every position)."""
+    if count is None or count >= length:
+        return torch.arange(length)
+    recent = max(1, min(recent, count))
+    others = length - recent
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randperm(others, generator=generator)[: count - recent]
+    return torch.cat([drawn.sort().values, torch.arange(others, length)])
+
+
+def reference_queries(scores: LayerScores, count: int | None, recent: int, seed: int) -> ReferenceQueries:
+    """The prompt's own query states at sampled positions, grouped by the KV head they attend with."""
+    if scores.query is None:
+        raise ValueError("attention fitting needs the layer's query states; these scores were given precomputed")
+    batch, q_heads, length, dim = scores.query.shape
+    kv_heads = scores.key.shape[1]
+    positions = sample_positions(length, count, recent, seed).to(scores.query.device)
+    picked = scores.query[:, :, positions].float() * scores.scaling  # [B, Hq, n, d]
+    queries = picked.reshape(batch * kv_heads, (q_heads // kv_heads) * positions.numel(), dim)
+    return ReferenceQueries(queries, positions.repeat(q_heads // kv_heads))
+
+
+@dataclass
+class Targets:
+    """What the full cache gives each reference query (only over the keys it may see)."""
+
+    shift: torch.Tensor  # [N, R]: max logit per query, subtracted on both sides of the mass equation
+    mass: torch.Tensor  # [N, R]: sum_t exp(logit_t - shift)
+    outputs: torch.Tensor  # [N, R, dv]: attention outputs, in units of the row's value scale
+    attention_rms: torch.Tensor  # [N, T]: RMS over queries of each key's attention probability
+    visible: torch.Tensor  # [N, R] bool: the query sees at least one token
+
+
+def visibility(visible_from: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    """[N, R, K] bool: query r (at `positions[r]`) sees item k when `visible_from[n, k] <= positions[r]`."""
+    if visible_from is None:
+        return None
+    return visible_from.unsqueeze(1) <= positions.view(1, -1, 1)
+
+
+def full_cache_targets(
+    ref: ReferenceQueries,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    token_from: torch.Tensor | None,
+    chunk: int = QUERY_CHUNK,
+) -> Targets:
+    """Mass, outputs and per-key RMS attention of the full cache, in chunks of reference queries.
+
+    keys [N, T, d], values [N, T, dv] (values already divided by their row scale); `token_from`
+    [N, T] is the first query position that may see each token (None: every query sees every token).
+    """
+    rows, length, _ = keys.shape
+    count = ref.queries.shape[1]
+    keys_t = keys.float().transpose(1, 2)
+    shift = keys.new_zeros(rows, count, dtype=torch.float32)
+    mass = torch.zeros_like(shift)
+    outputs = values.new_zeros(rows, count, values.shape[-1], dtype=torch.float32)
+    squares = keys.new_zeros(rows, length, dtype=torch.float32)
+    for start in range(0, count, chunk):
+        part = slice(start, min(count, start + chunk))
+        logits = torch.bmm(ref.queries[:, part], keys_t)
+        seen = visibility(token_from, ref.positions[part])
+        if seen is not None:
+            logits = logits.masked_fill(~seen, float("-inf"))
+        top = logits.amax(dim=-1, keepdim=True)
+        top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+        weights = (logits - top).exp()
+        total = weights.sum(dim=-1, keepdim=True)
+        probabilities = weights / total.clamp_min(1e-30)
+        shift[:, part] = top.squeeze(-1)
+        mass[:, part] = total.squeeze(-1)
+        outputs[:, part] = torch.bmm(probabilities, values.float())
+        squares += probabilities.square().sum(dim=1)
+    return Targets(shift, mass, outputs, (squares / count).sqrt(), mass > 0)
+
+
+def slot_features(
+    ref: ReferenceQueries, slot_keys: torch.Tensor, shift: torch.Tensor, slot_from: torch.Tensor | None
+) -> torch.Tensor:
+    """[N, R, S]: exp(q_r . k_s - shift_r), zero where query r may not see slot s."""
+    logits = torch.bmm(ref.queries, slot_keys.float().transpose(1, 2)) - shift.unsqueeze(-1)
+    features = logits.clamp_max(80.0).exp()  # a slot key is never above its tokens' max logit; guard anyway
+    seen = visibility(slot_from, ref.positions)
+    return features if seen is None else features.masked_fill(~seen, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The two fits
+# --------------------------------------------------------------------------------------------
+
+
+def ridge_correction(design: torch.Tensor, residual: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_D ||design @ D - residual||^2 + lam ||D||^2, batched; design [N, R, S], residual [N, R, c].
+
+    lam = max(ridge, RIDGE_FLOOR) * trace(design^T design) / S. Solved in the smaller of the primal
+    (S x S) and dual (R x R) normal systems by Cholesky, in float32.
+    """
+    rows, count, slots = design.shape
+    mean_eigenvalue = design.square().sum(dim=(1, 2)) / slots
+    lam = (max(ridge, RIDGE_FLOOR) * mean_eigenvalue).clamp_min(1e-30).view(rows, 1, 1)
+    if count >= slots:
+        gram = design.transpose(1, 2) @ design
+        return _positive_solve(gram, design.transpose(1, 2) @ residual, lam)
+    gram = design @ design.transpose(1, 2)
+    return design.transpose(1, 2) @ _positive_solve(gram, residual, lam)
+
+
+def _positive_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Solve (gram + lam I) X = rhs for symmetric positive semi-definite `gram`; more ridge where float32
+    Cholesky fails."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    for boost in (1.0, 1e2, 1e4):
+        factor, info = torch.linalg.cholesky_ex(gram + boost * lam * eye)
+        if not bool(info.any()):
+            return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(gram + boost * lam * eye, rhs).solution
+
+
+def fit_slot_weights(
+    features: torch.Tensor,
+    mass: torch.Tensor,
+    prior: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    ridge: float,
+    steps: int,
+    relative: bool,
+) -> torch.Tensor:
+    """Non-negative (boxed) least squares for the slot weights w = exp(bias), batched over rows.
+
+    min_w ||M w - y||^2 + lam ||w - prior||^2 subject to lower <= w <= upper, with M = features
+    [N, R, S], y = mass [N, R]; `relative` divides each query's equation by its target mass (every
+    query counts by its relative mass error). Closed form (ridge correction of the prior), clamped to
+    the box; if the clamped prior is better on this objective, start from it instead; then `steps`
+    projected-gradient steps of size 1 / (L + lam), L an upper bound of ||M||_2^2 (so every step
+    decreases the objective). Returns [N, S] float32.
+    """
+    design, target = features, mass
+    if relative:
+        scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
+        design, target = features * scale.unsqueeze(-1), mass * scale
+    slots = design.shape[-1]
+    lam = max(ridge, RIDGE_FLOOR) * design.square().sum(dim=(1, 2)) / slots
+    residual = target - (design @ prior.unsqueeze(-1)).squeeze(-1)
+    solved = prior + ridge_correction(design, residual.unsqueeze(-1), ridge).squeeze(-1)
+    start = torch.minimum(torch.maximum(solved, lower), upper)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        fit = (design @ w.unsqueeze(-1)).squeeze(-1) - target
+        return fit.square().sum(-1) + lam * (w - prior).square().sum(-1)
+
+    weights = torch.where((objective(start) <= objective(prior)).unsqueeze(-1), start, prior)
+    if steps:
+        step = 1.0 / (_spectral_bound(design) + lam).clamp_min(1e-30)
+        for _ in range(steps):
+            fit = (design @ weights.unsqueeze(-1)).squeeze(-1) - target
+            gradient = (design.transpose(1, 2) @ fit.unsqueeze(-1)).squeeze(-1) + lam.unsqueeze(-1) * (weights - prior)
+            weights = torch.minimum(torch.maximum(weights - step.unsqueeze(-1) * gradient, lower), upper)
+    return weights
+
+
+def _spectral_bound(design: torch.Tensor) -> torch.Tensor:
+    """[N]: an upper bound of ||design||_2^2, the largest column sum times the largest row sum of |design|
+    (one pass over the design; tight for the near-rank-one exp features of attention)."""
+    magnitude = design.abs()
+    return magnitude.sum(dim=1).amax(dim=-1) * magnitude.sum(dim=2).amax(dim=-1)
+
+
+def slot_attention(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, R, S]: each query's softmax over the slots it sees, with the slots' biases log(weights)."""
+    scaled = features * weights.unsqueeze(1)
+    return scaled / scaled.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def fit_slot_values(
+    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Least squares for the slot values so that the compressed attention reproduces `outputs`.
+
+    min_C ||X C - Y||^2 + lam ||C - prior||^2 with X = slot_attention(features, weights) [N, R, S],
+    Y = outputs [N, R, dv], prior [N, S, dv] (all in the row's value units). Returns [N, S, dv].
+    """
+    attention = slot_attention(features, weights)
+    residual = outputs - attention @ prior
+    return prior + ridge_correction(attention, residual, ridge)
+
+
+def fit_report(
+    features: torch.Tensor, targets: Targets, prior_weights: torch.Tensor, prior_values: torch.Tensor,
+    weights: torch.Tensor, values: torch.Tensor,
+) -> dict[str, float]:
+    """Mean relative errors of mass and outputs on the reference queries, before and after fitting."""
+
+    def errors(w: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+        seen = targets.visible
+        mass = (features @ w.unsqueeze(-1)).squeeze(-1)
+        mass_error = ((mass - targets.mass).abs() / targets.mass.clamp_min(1e-30))[seen]
+        out = slot_attention(features, w) @ v
+        scale = targets.outputs.norm(dim=-1).clamp_min(1e-12)
+        output_error = ((out - targets.outputs).norm(dim=-1) / scale)[seen]
+        return float(mass_error.mean()), float(output_error.mean())
+
+    before = errors(prior_weights, prior_values)
+    after = errors(weights, values)
+    return {
+        "mass_error_unfitted": before[0],
+        "mass_error_fitted": after[0],
+        "output_error_unfitted": before[1],
+        "output_error_fitted": after[1],
+    }
+
+
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1, 1]: the largest |x| of each row (at least 1e-30)."""
+    return x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+
+
+def finite_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return torch.nan_to_num(x, nan=0.0).clamp(-limit, limit).to(dtype)
+
+
+def validate_fit_fields(method: CompressionMethod) -> None:
+    """Checks shared by the fitted methods (fields reference_queries, recent_queries, ridge,
+    bias_ridge, nnls_steps, seed)."""
+    count = method.reference_queries
+    if count is not None and (not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"reference_queries must be a positive number of prompt positions (or None: all), got {count!r}"
+        )
+    if not isinstance(method.recent_queries, int) or method.recent_queries < 1:
+        raise ValueError(
+            f"recent_queries must be at least 1 (the last prompt query is always used), got {method.recent_queries!r}"
+        )
+    for name in ("ridge", "bias_ridge"):
+        value = getattr(method, name)
+        if not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+            raise ValueError(
+                f"{name} must be a finite number >= 0 (relative to the mean eigenvalue), got {value!r}"
+            )
+    if not isinstance(method.nnls_steps, int) or method.nnls_steps < 0:
+        raise ValueError(
+            f"nnls_steps must be a whole number >= 0 of projected-gradient steps, got {method.nnls_steps!r}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionMatching(CompressionMethod):
+    """Keep the keys most attended by reference queries; fit per-slot biases (NNLS) and values (least
+    squares) so that attention mass and outputs match the full cache (Zweiger et al., 2026)."""
+
+    name: ClassVar[str] = "attention-matching"
+    summary: ClassVar[str] = (
+        "Attention matching (Zweiger et al. 2026): top-RMS-attention keys, fitted biases and values"
+    )
+
+    budget: float = 0.5
+    reference_queries: int | None = 256  # prompt positions (each gives one query per query head)
+    recent_queries: int = 256
+    causal: bool = False
+    bias_bound: float = 3.0  # weights in [e^-bound, e^bound], the reference code's box
+    nnls_steps: int = 2
+    bias_ridge: float = 0.0
+    ridge: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_fit_fields(self)
+        if not isinstance(self.bias_bound, (int, float)) or not 0 < self.bias_bound <= 80:
+            raise ValueError(f"bias_bound must be in (0, 80] (weights in [e^-bound, e^bound]), got {self.bias_bound!r}")
+
+    def compress(self, layer: LayerInput) -> LayerOutput:
+        batch, heads, length, dim = layer.keys.shape
+        rows = batch * heads
+        keys = layer.keys.reshape(rows, length, dim)
+        values = layer.values.reshape(rows, length, -1)
+        scale = row_scale(values)
+        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed)
+        token_from = torch.arange(length, device=keys.device).expand(rows, length) if self.causal else None
+        targets = full_cache_targets(ref, keys, values.float() / scale, token_from)
+
+        keep = top_indices(targets.attention_rms, layer.slots).sort(dim=-1).values  # [N, S]
+        kept_keys = keys.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
+        kept_values = values.float().gather(1, keep.unsqueeze(-1).expand(-1, -1, values.shape[-1])) / scale
+        features = slot_features(ref, kept_keys, targets.shift, keep if self.causal else None)
+
+        ones = torch.ones_like(keep, dtype=torch.float32)
+        weights = fit_slot_weights(
+            features, targets.mass, ones, ones * math.exp(-self.bias_bound), ones * math.exp(self.bias_bound),
+            self.bias_ridge, self.nnls_steps, relative=False,
+        )
+        fitted = fit_slot_values(features, weights, targets.outputs, kept_values, self.ridge)
+        notes = fit_report(features, targets, ones, kept_values, weights, fitted)
+        notes["reference_queries"] = int(ref.queries.shape[1])
+        return LayerOutput(
+            keys=kept_keys.reshape(batch, heads, -1, dim),
+            values=finite_as(fitted * scale, layer.values.dtype).reshape(batch, heads, layer.slots, -1),
+            positions=keep.reshape(batch, heads, -1),
+            bias=weights.log().reshape(batch, heads, -1),
+            notes=notes,
+        )
