@@ -150,3 +150,16 @@ def kvmerger_hold_row(
     out["keys"], out["values"] = np.array(out["keys"]), np.array(out["values"])
     out["similarity"], out["eligible"] = similarity, eligible
     return out
+
+
+def ambiguous_selection(sims64: list[float], sims32: list[float], eligible: list[int], count: int) -> bool:
+    """Whether picking the `count` most similar eligible pairs may legitimately differ between the
+    float32 implementation and this float64 reference: several pairs within 1e-5 of the boundary
+    that are not exact ties in both precisions (exact ties are broken the same way by both)."""
+    if not 0 < count < len(eligible):
+        return False
+    boundary = sorted((sims64[t] for t in eligible), reverse=True)[count - 1]
+    near = [t for t in eligible if abs(sims64[t] - boundary) < 1e-5]
+    if len(near) <= 1:
+        return False
+    return len({sims64[t] for t in near}) > 1 or len({float(sims32[t]) for t in near}) > 1

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods.base import LayerInput, slots_for_budget
 from kvmerger.methods.kvmerger import KVMerger, paper_protection
-from tests.reference import kvmerger_row
+from tests.reference import ambiguous_selection, kvmerger_row
 
 
 def layer_input(keys, values, attention, method) -> LayerInput:
@@ -52,16 +52,11 @@ def make_attention(rng: np.random.Generator, pattern: str, shape: tuple[int, ...
     return rng.random(shape).astype(np.float32) * 5
 
 
-def selection_is_ambiguous(row: dict, method: KVMerger, length: int, slots: int) -> bool:
-    """True if float32 vs float64 rounding could legitimately pick other pairs (near, not exact, ties)."""
-    sims = sorted((row["similarity"][t] for t in row["eligible"]), reverse=True)
+def selection_is_ambiguous(row: dict, sims32: list[float], method: KVMerger, length: int, slots: int) -> bool:
+    """True if float32 vs float64 rounding could legitimately pick other pairs."""
     if method.mode == "paper":
-        return any(0 < abs(s - method.eps) < 1e-5 for s in sims)
-    merges = max(0, length - slots)
-    if 0 < merges < len(sims):
-        gap = sims[merges - 1] - sims[merges]
-        return 0 < gap < 1e-5
-    return False
+        return any(abs(row["similarity"][t] - method.eps) < 1e-5 for t in row["eligible"])
+    return ambiguous_selection(row["similarity"], sims32, row["eligible"], max(0, length - slots))
 
 
 @st.composite
@@ -133,7 +128,8 @@ def test_vectorised_kvmerger_equals_the_reference(case):
                 sigma=method.sigma,
                 scale_values=method.scale_values_by_set_size,
             )
-            assume(not selection_is_ambiguous(row, method, length, slots))
+            sims32 = identify.similarity.view(batch, heads, -1)[b, h].tolist()
+            assume(not selection_is_ambiguous(row, sims32, method, length, slots))
             real = len(row["pivots"])
             assert output.positions[b, h, :real].tolist() == row["pivots"]
             assert output.set_sizes[b, h, :real].tolist() == row["sizes"]
