@@ -1,7 +1,8 @@
 """One contract for every registered method (everything in `kvmerger.METHODS`, whoever wrote it).
 
 At budget b every layer and KV head keeps exactly ``slots_for_budget(T, b)`` slots, the same number for
-every method, so that comparisons between methods mean something. Here, on random layers with real
+every method, so that comparisons between methods mean something; a method that also stores a
+per-slot logit bias keeps fewer, so that its bytes stay within the same budget. Here, on random layers with real
 attention statistics: exact slot counts, shapes and dtypes kept, inputs untouched, finite outputs,
 bf16, valid positions in increasing order; then on a tiny random Llama: compress a prompt and
 generate, and hold the budget for 300 generated tokens.
@@ -19,6 +20,7 @@ from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, slots_for_budget
 
 BUDGETS = [0.1, 0.35, 0.5, 1.0]
+TINY_SLOT_BYTES = 2 * 16 * 4  # the tiny Llama's key and value per slot and KV head: head dim 16, float32
 LENGTHS = [2, 9, 40, 150]
 # The full cache keeps everything: budget 1.0 is the only one it accepts.
 FIXED_BUDGET = {"full": 1.0}
@@ -114,15 +116,19 @@ def test_every_method_compresses_a_prompt_and_generates(tiny_llama, random_ids, 
         )
     assert out.sequences.shape == (1, 56)
     assert len(out.logits) == 8 and all(torch.isfinite(step).all() for step in out.logits)
-    slots = slots_for_budget(48, method.budget)
+    slots = method.target_slots(48, TINY_SLOT_BYTES)
     assert [layer.slots_after for layer in session.report.layers] == [slots] * 3
+    if not method.stores_bias():
+        assert slots == slots_for_budget(48, method.budget)
+    budget_bytes = slots_for_budget(48, method.budget) * TINY_SLOT_BYTES * 2  # 2 KV heads
+    assert all(layer.bytes_after <= budget_bytes for layer in session.report.layers), "over the budget's memory"
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"full"}))
 def test_every_method_holds_its_budget_for_300_generated_tokens(tiny_llama, random_ids, name):
     method = build(name, 0.5)
     prompt = random_ids[:, :40]
-    target = method.target_slots(40)
+    target = method.target_slots(40, TINY_SLOT_BYTES)
     with torch.no_grad(), compress(tiny_llama, method, hold_budget=True):
         out = tiny_llama(prompt)
         cache = out.cache

@@ -347,17 +347,20 @@ def test_precomputed_scores_are_refused_with_a_clear_message():
 
 @pytest.mark.parametrize("name", ["attention-matching", "fitted-kvmerger"])
 def test_the_engine_runs_the_fitted_methods_and_counts_the_bias(tiny_llama, random_ids, name):
-    """Registered, exact budget, biases stored and applied, memory ratio includes them, and
-    compressing online equals compressing a recorded prefill."""
+    """Registered, biases stored and applied and paid for with slots (keys, values and biases stay
+    within the budget's bytes), and compressing online equals compressing a recorded prefill."""
     prompt, continuation = random_ids[:, :40], random_ids[:, 40:]
     method = get_method(name, budget=0.5, reference_queries=16)
+    head_dim = tiny_llama.config.hidden_size // tiny_llama.config.num_attention_heads
+    slot_bytes, bias_bytes = 2 * head_dim * 4, 4
+    slots = 20 * slot_bytes // (slot_bytes + bias_bytes)  # 19 of the 20 slots budget 0.5 gives evictions
     with torch.no_grad(), compress(tiny_llama, method) as session:
         cache = tiny_llama(prompt).cache
-        assert cache.slots() == [20] * 3
+        assert cache.slots() == [slots] * 3 and slots == 19
         assert all(layer.slot_bias is not None and bool(layer.slot_bias.any()) for layer in cache.layers)
         online = tiny_llama(continuation, cache=cache).logits
-    head_dim = tiny_llama.config.hidden_size // tiny_llama.config.num_attention_heads
-    assert session.report.memory_ratio == pytest.approx(0.5 * (1 + 1 / (2 * head_dim)))
+    assert session.report.memory_ratio == pytest.approx(slots * (slot_bytes + bias_bytes) / (40 * slot_bytes))
+    assert session.report.memory_ratio <= 0.5
     prefill = record_prefill(tiny_llama, prompt)
     offline_cache, _ = compress_prefill(prefill, method)
     with torch.no_grad(), attach(tiny_llama):

@@ -107,7 +107,7 @@ def test_generate_300_tokens_holding_the_budget(tiny_llama, random_ids, method):
         for _ in range(20):
             logits = tiny_llama(torch.tensor([[5]]), cache=cache).logits
             assert torch.isfinite(logits).all()
-    target = method.target_slots(40)
+    target = method.target_slots(40, 2 * 16 * 4)  # tiny Llama: head dim 16, float32 keys and values
     assert out.shape[1] == 340
     assert cache.slots() == [target] * 3 and cache.get_seq_length() == 60
     for layer in cache.layers:

@@ -265,7 +265,8 @@ def compress_layer(
     num_layers: int,
 ) -> tuple[LayerOutput, LayerReport]:
     length = keys.shape[-2]
-    layer = LayerInput(keys, values, scores, layer_idx, num_layers, slots=method.target_slots(length))
+    slot_bytes = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+    layer = LayerInput(keys, values, scores, layer_idx, num_layers, slots=method.target_slots(length, slot_bytes))
     scoring_before = scores.seconds
     start = time.perf_counter()
     output = method.compress(layer)

@@ -369,6 +369,9 @@ class AttentionMatching(CompressionMethod):
         if not isinstance(self.bias_bound, (int, float)) or not 0 < self.bias_bound <= 80:
             raise ValueError(f"bias_bound must be in (0, 80] (weights in [e^-bound, e^bound]), got {self.bias_bound!r}")
 
+    def stores_bias(self) -> bool:
+        return True
+
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads

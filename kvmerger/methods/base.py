@@ -5,7 +5,8 @@ values (and, when it needs them, per-slot logit biases). The engine, not the met
 transformers, caches, hooks and timing.
 
 Budget semantics (shared by every method, see docs/METHOD.md): at budget ``b`` the prompt part of
-every layer keeps exactly ``slots_for_budget(T, b) = ceil(b * T)`` slots per KV head.
+every layer keeps exactly ``slots_for_budget(T, b) = ceil(b * T)`` slots per KV head; methods that
+also store a per-slot bias keep fewer, so that their bytes stay within the same budget.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from kvmerger.engine.scoring import LayerScores
 
 METHODS: dict[str, type[CompressionMethod]] = {}
+BIAS_BYTES = 4  # one float32 logit per slot and KV head
 
 
 def slots_for_budget(length: int, budget: float) -> int:
@@ -143,8 +145,21 @@ class CompressionMethod(ABC):
         if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) <= 1.0:
             raise ValueError(f"budget must be in (0, 1] (the share of the prompt's cache kept), got {self.budget!r}")
 
-    def target_slots(self, length: int) -> int:
-        return slots_for_budget(length, self.budget)
+    def target_slots(self, length: int, slot_bytes: int = 0) -> int:
+        """Slots per KV head for a prompt of `length` tokens.
+
+        A method that stores a per-slot logit bias pays `BIAS_BYTES` per slot and KV head on top of
+        the slot's key and value (`slot_bytes`), so it gets fewer slots: keys, values and biases
+        together stay within the budget's bytes, the same memory as every other method.
+        """
+        slots = slots_for_budget(length, self.budget)
+        if self.stores_bias() and slot_bytes and slots < length:
+            slots = max(1, slots * slot_bytes // (slot_bytes + BIAS_BYTES))
+        return slots
+
+    def stores_bias(self) -> bool:
+        """Whether the compressed cache carries a per-slot logit bias (counted in its memory)."""
+        return False
 
     def hold_budget(self, state: SlotState) -> SlotState:
         """Shrink a layer back to `state.target_slots` slots during generation (engine option

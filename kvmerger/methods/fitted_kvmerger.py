@@ -132,6 +132,9 @@ class FittedKVMerger(CompressionMethod):
         recent, topk = self.protection()
         return KVMerger(budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma)
 
+    def stores_bias(self) -> bool:
+        return True
+
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads

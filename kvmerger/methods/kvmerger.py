@@ -131,6 +131,9 @@ class KVMerger(CompressionMethod):
     def keeps_budget(self) -> bool:
         return self.mode == "exact"
 
+    def stores_bias(self) -> bool:
+        return self.size_bias
+
     def hold_budget(self, state: SlotState) -> SlotState:
         """During generation: merge the `excess` most similar adjacent pairs of unprotected slots.
 
