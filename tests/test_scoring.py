@@ -80,13 +80,3 @@ def test_scores_are_memoised_and_timed():
     assert scores.seconds > 0
     with pytest.raises(ValueError, match="group evenly"):
         LayerScores(torch.randn(1, 3, 5, 4), torch.randn(1, 2, 5, 4), 0.5)
-
-
-def test_query_sample_keeps_the_last_query_and_groups_by_kv_head():
-    query = torch.arange(1 * 4 * 10 * 2, dtype=torch.float32).view(1, 4, 10, 2)
-    scores = LayerScores(query, torch.zeros(1, 2, 10, 2), 1.0)
-    sample = scores.query_sample(3)
-    assert sample.shape == (1, 2, 2 * 3, 2)
-    # the last row of every query head is in the sample
-    for head in range(4):
-        assert any(torch.equal(row, query[0, head, -1]) for row in sample[0, head // 2])

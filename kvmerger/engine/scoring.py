@@ -140,24 +140,6 @@ class LayerScores:
             ("window", window), lambda: window_attention(self.query, self.key, self.scaling, window, self.chunk)
         )
 
-    def query_sample(self, count: int, seed: int = 0) -> torch.Tensor:
-        """[B, Hkv, group * count', d]: up to `count` prompt queries per query head (the last one always
-        included), grouped by the KV head they attend with; drawn once per layer with `seed`."""
-
-        def draw() -> torch.Tensor:
-            batch, q_heads, length, dim = self.query.shape
-            kv_heads = self.key.shape[1]
-            generator = torch.Generator().manual_seed(seed)
-            if count >= length:
-                rows = torch.arange(length)
-            else:
-                rows = torch.randperm(length - 1, generator=generator)[: count - 1].sort().values
-                rows = torch.cat([rows, torch.tensor([length - 1])])
-            picked = self.query[:, :, rows.to(self.query.device)]
-            return picked.reshape(batch, kv_heads, -1, dim)
-
-        return self._memoised(("queries", count, seed), draw)
-
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":

@@ -69,7 +69,7 @@ from typing import ClassVar
 import torch
 
 from kvmerger.engine.scoring import LayerScores
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, top_indices
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, finite_as, row_scale, top_indices
 
 RIDGE_FLOOR = 1e-6  # relative to the mean eigenvalue; the reference code's fallback ridge
 QUERY_CHUNK = 512  # reference-query rows per chunk when computing full-cache targets
@@ -302,16 +302,6 @@ def fit_report(
         "output_error_unfitted": before[1],
         "output_error_fitted": after[1],
     }
-
-
-def row_scale(x: torch.Tensor) -> torch.Tensor:
-    """[N, 1, 1]: the largest |x| of each row (at least 1e-30)."""
-    return x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-
-
-def finite_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    limit = torch.finfo(dtype).max
-    return torch.nan_to_num(x, nan=0.0).clamp(-limit, limit).to(dtype)
 
 
 def validate_fit_fields(method: CompressionMethod) -> None:

@@ -236,3 +236,16 @@ def keep_by_score(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor 
     if forced is not None:
         ranked = ranked.masked_fill(forced, float("inf"))
     return gather_tokens(layer, top_indices(ranked, layer.slots))
+
+
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1, 1]: the largest |x| of each row of x [N, T, d] (at least 1e-30). Dividing by it keeps
+    float32 arithmetic on huge or tiny inputs finite; multiplying back restores the scale."""
+    return x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+
+
+def finite_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` cast to `dtype`, with values beyond its range clamped (and NaN, which cannot arise from
+    finite inputs, set to 0) so that a compressed cache never holds inf or NaN."""
+    limit = torch.finfo(dtype).max
+    return torch.nan_to_num(x, nan=0.0).clamp(-limit, limit).to(dtype)

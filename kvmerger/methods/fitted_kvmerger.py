@@ -70,17 +70,15 @@ from typing import ClassVar
 import torch
 
 from kvmerger.methods.attention_matching import (
-    finite_as,
     fit_report,
     fit_slot_values,
     fit_slot_weights,
     full_cache_targets,
     reference_queries,
-    row_scale,
     slot_features,
     validate_fit_fields,
 )
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, finite_as, row_scale
 from kvmerger.methods.kvmerger import KVMerger, gaussian_merge
 
 KEY_CHOICES = ("merged", "pivot")

@@ -54,7 +54,15 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState, top_indices
+from kvmerger.methods.base import (
+    CompressionMethod,
+    LayerInput,
+    LayerOutput,
+    SlotState,
+    finite_as,
+    row_scale,
+    top_indices,
+)
 
 MODES = ("exact", "paper")
 SIGMA_FLOOR = 1e-6  # in units of the row's largest |key|
@@ -329,7 +337,7 @@ def gaussian_merge(
     members = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
     members = members.scatter_add(1, segment, torch.ones_like(segment))
 
-    key_scale = _row_scale(keys)
+    key_scale = row_scale(keys)
     scaled_keys = keys.float() / key_scale
     pivot_keys = scaled_keys.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
     distance = (scaled_keys - pivot_keys).norm(dim=-1)  # [N, T], in units of the row scale
@@ -345,13 +353,13 @@ def gaussian_merge(
     weight = kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)
 
     merged_keys = _segment_sum(weight.unsqueeze(-1) * scaled_keys, segment, num_segments) * key_scale
-    value_scale = _row_scale(values)
+    value_scale = row_scale(values)
     merged_values = _segment_sum(weight.unsqueeze(-1) * (values.float() / value_scale), segment, num_segments)
     merged_values = merged_values * value_scale
     if scale_values:
         merged_values = merged_values * sizes.unsqueeze(-1)
-    merged_keys = _keep_singletons(_finite_as(merged_keys, keys.dtype), keys, pivot, members)
-    merged_values = _keep_singletons(_finite_as(merged_values, values.dtype), values, pivot, members)
+    merged_keys = _keep_singletons(finite_as(merged_keys, keys.dtype), keys, pivot, members)
+    merged_values = _keep_singletons(finite_as(merged_values, values.dtype), values, pivot, members)
     return merged_keys, merged_values, pivot, sizes
 
 
@@ -361,17 +369,8 @@ def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.
     return torch.where((members == 1).unsqueeze(-1), kept, merged)
 
 
-def _row_scale(x: torch.Tensor) -> torch.Tensor:
-    return x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-
-
 def _segment_sum(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Sum x [N, T, ...] over tokens of each segment -> [N, S, ...]."""
     out = x.new_zeros(x.shape[0], num_segments, *x.shape[2:])
     index = segment.view(*segment.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return out.scatter_add(1, index, x)
-
-
-def _finite_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    limit = torch.finfo(dtype).max
-    return x.clamp(-limit, limit).to(dtype)
