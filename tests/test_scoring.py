@@ -1,5 +1,7 @@
 """The chunked attention statistics match eager attention's column sums."""
 
+import copy
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_bf16_states_are_scored_in_float32():
 
 def test_scores_from_a_real_prefill_match_eager_attention_weights(tiny_llama, random_ids):
     """Query states captured from the model's own attention call give eager attention's column sums."""
-    eager = type(tiny_llama)(tiny_llama.config).eval()
+    eager = type(tiny_llama)(copy.deepcopy(tiny_llama.config)).eval()  # its own config: the fixture's stays sdpa
     eager.load_state_dict(tiny_llama.state_dict())
     eager.set_attn_implementation("eager")
     with torch.no_grad():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-DEFAULT_CHUNK = 128  # queries per chunk; 64-256 measured alike on 2 CPU cores, larger is slower
+DEFAULT_CHUNK = 64  # queries per chunk; measured fastest among 16-256 on 2 CPU cores (2k and 8k tokens)
 
 
 def attention_column_sums(
@@ -26,24 +26,28 @@ def attention_column_sums(
 
     query: [B, Hq, T, d]; key: [B, Hkv, T, d]. Returns [B, Hkv, T] float32, averaged over the
     query heads of each KV head. Works in chunks of query rows against the keys they can see, so
-    the largest intermediate is [B, Hq, chunk, T].
+    the largest intermediate is [B, Hq, chunk, T]. The query heads of a group share one matrix
+    product with their KV head's keys, and the sum over the chunk's queries and heads is a second
+    one (normalisers as a row vector times the unnormalised probabilities).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
-    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, T]
-    total = torch.zeros(batch, kv_heads, 1, length, dtype=torch.float32, device=key.device)
+    keys_t = key.float().transpose(-1, -2)  # [B, Hkv, d, T]
+    total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=key.device)
     for start in range(first_query, length, chunk):
         end = min(length, start + chunk)
-        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end])  # [B, Hkv, g, c, end]
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=key.device).triu_(1)
+        rows = end - start
+        queries = grouped[:, :, :, start:end].reshape(batch, kv_heads, group * rows, dim)
+        logits = torch.matmul(queries, keys_t[..., :end]).view(batch, kv_heads, group, rows, end)
+        future = torch.ones(rows, rows, dtype=torch.bool, device=key.device).triu_(1)
         logits[..., start:end].masked_fill_(future, float("-inf"))  # keys before `start` are all visible
         logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
         inverse_norm = logits.sum(dim=-1).reciprocal_()  # [B, Hkv, g, c]
-        # sum over the chunk's queries of exp / norm, as one matrix product per head
-        total[..., :end] += torch.matmul(inverse_norm.unsqueeze(-2), logits).sum(dim=2)
-    return (total / group).squeeze(2)
+        weights = inverse_norm.view(batch, kv_heads, 1, group * rows)
+        total[..., :end] += torch.matmul(weights, logits.view(batch, kv_heads, group * rows, end)).squeeze(2)
+    return total / group
 
 
 def aggregated_attention(
