@@ -10,11 +10,15 @@ token, never stopping early. It reports, from inside:
 * the bytes of the cache's keys and values right after the prompt; for a method this must be
   exactly ``ceil(budget * T) / T`` of the full cache's (checked: the script fails otherwise);
 * its own peak RSS after loading (and one 16-token forward, so that every weight is resident),
-  after the prompt, and at the end.
+  after the prompt, and at the end;
+* the peak RSS *while generating*: after the prompt, freed memory is handed back to the kernel
+  (``malloc_trim``) and the kernel's high-water mark is reset (``/proc/self/clear_refs``, Linux),
+  so this peak is what decoding needs with the cache as it is, without the prefill's transient.
 
 The full cache is plain transformers (no kvmerger attached): what a user has without kvmerger.
-Reported ratios, compressed / full: cache bytes, peak RSS, and peak RSS above the loaded model
-(what inference itself added). The default prompt is 8192 - 256 = 7936 tokens, so that prompt
+Reported ratios, compressed / full: cache bytes, peak RSS over the whole run (reached during the
+prefill, where every method still holds the full cache and its activations), peak RSS while
+generating, and both above the loaded model (what inference itself added). The default prompt is 8192 - 256 = 7936 tokens, so that prompt
 and answer fit the default model's 8k context.
 
     python benchmarks/memory.py                                   # full, kvmerger@0.5, kvmerger@0.35
@@ -46,6 +50,35 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def start_new_peak() -> bool:
+    """Return freed heap to the kernel and reset the RSS high-water mark; False where unsupported."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset() -> int | None:
+    """VmHWM from /proc/self/status: the peak RSS since start_new_peak() (bytes)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def generation_peak(model, cache, logits, new_tokens: int) -> int | None:
+    """Decode `new_tokens` tokens and return the peak RSS during decoding (None if not measurable)."""
+    measurable = start_new_peak()
+    decode(model, cache, logits, new_tokens)
+    return peak_rss_since_reset() if measurable else None
+
+
 def run_child(config: dict) -> dict:
     import torch
 
@@ -67,7 +100,7 @@ def run_child(config: dict) -> dict:
             result["rss_after_prompt"] = peak_rss_bytes()
             result["cache_bytes_after_prompt"] = kv_bytes(cache)
             result["full_cache_bytes"] = result["cache_bytes_after_prompt"]
-            decode(model, cache, output.logits, config["new_tokens"])
+            result["generation_peak_rss"] = generation_peak(model, cache, output.logits, config["new_tokens"])
         else:
             method = get_method(config["method"], budget=config["budget"])
             with compress(model, method) as session:
@@ -79,7 +112,7 @@ def run_child(config: dict) -> dict:
                 result["slots_per_head"] = sorted({layer.slots_after for layer in session.report.layers})
                 result["expected_slots"] = slots_for_budget(config["length"], config["budget"])
                 result["keeps_budget"] = method.keeps_budget()
-                decode(model, cache, output.logits, config["new_tokens"])
+                result["generation_peak_rss"] = generation_peak(model, cache, output.logits, config["new_tokens"])
     result["cache_bytes_at_end"] = kv_bytes(cache)
     result["rss_at_end"] = peak_rss_bytes()
     return result
@@ -171,11 +204,33 @@ def summarise(results: list[dict]) -> list[dict]:
                 "inference_rss_ratio": median(
                     [(r["peak_rss"] - r["rss_after_load"]) / (f["peak_rss"] - f["rss_after_load"]) for r, f in pairs]
                 ),
+                "generation_peak_rss": median_or_none([r["generation_peak_rss"] for r in runs]),
+                "generation_peak_rss_ratio": median_or_none(
+                    [ratio_or_none(r["generation_peak_rss"], f["generation_peak_rss"]) for r, f in pairs]
+                ),
+                "generation_rss_above_load_ratio": median_or_none(
+                    [
+                        ratio_or_none(
+                            r["generation_peak_rss"] and r["generation_peak_rss"] - r["rss_after_load"],
+                            f["generation_peak_rss"] and f["generation_peak_rss"] - f["rss_after_load"],
+                        )
+                        for r, f in pairs
+                    ]
+                ),
                 "rss_after_load": median([r["rss_after_load"] for r in runs]),
                 "rss_after_prompt": median([r["rss_after_prompt"] for r in runs]),
             }
         )
     return rows
+
+
+def ratio_or_none(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return median(present) if present else None
 
 
 def label_of(config: dict) -> str:
@@ -196,6 +251,17 @@ def format_row(row: dict) -> str:
         f"  ratio {row['cache_bytes_ratio']:.4f}{budget:<15}"
         f"  peak RSS {row['peak_rss'] / 2**20:7.0f} MiB  ratio {row['peak_rss_ratio']:.3f}"
         f"  above the loaded model {row['inference_rss'] / 2**20:6.0f} MiB  ratio {row['inference_rss_ratio']:.3f}"
+        + format_generation(row)
+    )
+
+
+def format_generation(row: dict) -> str:
+    if row["generation_peak_rss"] is None:
+        return "  (peak while generating: not measurable on this OS)"
+    return (
+        f"  | while generating: peak {row['generation_peak_rss'] / 2**20:7.0f} MiB"
+        f"  ratio {row['generation_peak_rss_ratio']:.3f}"
+        f"  above the loaded model ratio {row['generation_rss_above_load_ratio']:.3f}"
     )
 
 

@@ -117,6 +117,7 @@ def _memory_result(method: str, budget: float, after: int, full: int, slots: int
         "peak_rss": 1000 + after,
         "rss_after_load": 900,
         "rss_after_prompt": 950,
+        "generation_peak_rss": 920 + after // 2,
     }
 
 
@@ -135,8 +136,30 @@ def test_memory_summary_takes_ratios_to_the_full_cache():
     assert merged["cache_bytes_ratio"] == 0.5
     assert merged["peak_rss_ratio"] == pytest.approx((1000 + 3200) / (1000 + 6400))
     assert merged["inference_rss_ratio"] == pytest.approx((100 + 3200) / (100 + 6400))
+    assert merged["generation_peak_rss_ratio"] == pytest.approx((920 + 1600) / (920 + 3200))
+    assert merged["generation_rss_above_load_ratio"] == pytest.approx((20 + 1600) / (20 + 3200))
     with pytest.raises(ValueError, match="needs the full cache"):
         memory.summarise(results[1:])
+
+
+def test_memory_generation_peak_is_optional():
+    results = [_memory_result("full", 1.0, 6400, 6400, 100), _memory_result("kvmerger", 0.5, 3200, 6400, 50)]
+    for result in results:
+        result["generation_peak_rss"] = None
+    _, merged = memory.summarise(results)
+    assert merged["generation_peak_rss"] is None and merged["generation_peak_rss_ratio"] is None
+    assert "not measurable" in memory.format_row(merged)
+
+
+def test_memory_peak_resets_to_current_usage():
+    if not memory.start_new_peak():
+        pytest.skip("resetting the RSS high-water mark needs Linux")
+    ballast = bytearray(64 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page so it is resident
+    with_ballast = memory.peak_rss_since_reset()
+    del ballast
+    assert memory.start_new_peak()
+    assert memory.peak_rss_since_reset() < with_ballast - 32 * 2**20
 
 
 def test_memory_kv_bytes_counts_keys_and_values(tiny_llama, random_ids):
