@@ -158,8 +158,17 @@ def run_in_child(config: dict) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"the child for {config} failed with exit code {process.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024
+    result["peak_rss"] = whole_run_peak(usage.ru_maxrss, result)
     return result
+
+
+def whole_run_peak(kernel_max_rss_kib: int, result: dict) -> int:
+    """The child's peak RSS over the whole run, in bytes.
+
+    Resetting the high-water mark for the generation phase also resets what the kernel reports
+    at exit, so the run's peak is the larger of that and the child's own reading before the reset.
+    """
+    return max(kernel_max_rss_kib * 1024, result["rss_after_prompt"])
 
 
 def check_budget(result: dict) -> float:

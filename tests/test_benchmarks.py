@@ -142,6 +142,12 @@ def test_memory_summary_takes_ratios_to_the_full_cache():
         memory.summarise(results[1:])
 
 
+def test_memory_whole_run_peak_keeps_the_prefill_peak_after_a_reset():
+    result = {"rss_after_prompt": 3000 * 1024}
+    assert memory.whole_run_peak(2000, result) == 3000 * 1024  # reset: the kernel saw only decoding
+    assert memory.whole_run_peak(4000, result) == 4000 * 1024
+
+
 def test_memory_generation_peak_is_optional():
     results = [_memory_result("full", 1.0, 6400, 6400, 100), _memory_result("kvmerger", 0.5, 3200, 6400, 50)]
     for result in results:

@@ -1,12 +1,15 @@
 """Integration tests on the real default model (SmolLM2-135M-Instruct), short contexts."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from kvmerger import FullCache, KVMerger, attach, compress_prefill, record_prefill
 from kvmerger.evaluation.metrics import kl_divergence
 from kvmerger.evaluation.tasks.passkey import passkey_sample
-from kvmerger.evaluation.texts import essays
+from kvmerger.evaluation.texts import cut_to_tokens, essays
 
 pytestmark = pytest.mark.model
 
@@ -56,3 +59,26 @@ def test_the_papers_value_scaling_is_measurably_worse(default_model, essay_prefi
     kl_plain = kl_divergence(reference, continuation_logits(model, prefill, plain, continuation)).mean()
     kl_scaled = kl_divergence(reference, continuation_logits(model, prefill, scaled, continuation)).mean()
     assert kl_scaled > 3 * kl_plain
+
+
+def readme_python_example() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "README.md has no ```python example"
+    return blocks[0]
+
+
+def test_the_readme_example_runs_and_compresses(default_model, tmp_path, monkeypatch, capsys):
+    """The README's five lines, as written, on ~600 tokens of essays (the model loaded once per run)."""
+    import kvmerger
+
+    model, tokenizer = default_model
+    monkeypatch.setattr(kvmerger, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    (tmp_path / "long.txt").write_text(cut_to_tokens(tokenizer, essays(), 600))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_python_example(), "README.md", "exec"), namespace)
+    report = namespace["session"].report
+    assert report.memory_ratio == pytest.approx(0.5, abs=0.01)
+    printed = capsys.readouterr().out
+    assert printed.strip() and "slots" in printed
