@@ -272,3 +272,11 @@ def test_a_context_longer_than_the_model_allows_is_refused(tiny, tmp_path):
     config = RunSettings([TaskPlan(get_task("passkey"), (1020,), 1)], [MethodSpec("full")], [0.5])
     with pytest.raises(ValueError, match="context of 1024 tokens; use lengths up to 1012"):
         Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False)
+
+
+def test_plots_tell_kvmerger_variants_apart():
+    from kvmerger.evaluation.plots import _style
+
+    plain, variant, other = _style(0, "kvmerger"), _style(1, "kvmerger[size_bias=True]"), _style(2, "h2o")
+    assert plain["color"] == variant["color"] == "black" and other["color"] != "black"
+    assert (plain["linestyle"], plain["marker"]) != (variant["linestyle"], variant["marker"])

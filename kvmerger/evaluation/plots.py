@@ -71,12 +71,15 @@ def _lines(rows: list[Row]) -> tuple[dict[str, list[Row]], Row | None]:
 
 
 def _style(index: int, label: str) -> dict[str, Any]:
+    """KVMerger in bold black (its variants dashed, with their own markers); the rest in colours."""
     colours = [f"C{i}" for i in range(10)]
     mine = label.split("[")[0] == KVMERGER
+    variant = mine and "[" in label
     return {
         "color": "black" if mine else colours[index % 10],
         "linewidth": 2.6 if mine else 1.4,
-        "marker": "o" if mine else "os^vD<>ph*"[index % 10],
+        "linestyle": ("--", ":", "-.")[index % 3] if variant else "-",
+        "marker": ("sD^v"[index % 4] if variant else "o") if mine else "os^vD<>ph*"[index % 10],
         "markersize": 6 if mine else 4,
         "zorder": 3 if mine else 2,
     }
