@@ -14,6 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import attention_share  # noqa: E402
 import decode_speed  # noqa: E402
 import gpu_check  # noqa: E402
 import kvpress_compare  # noqa: E402
@@ -330,3 +331,18 @@ def test_gpu_check_runs_end_to_end_on_a_tiny_shape(tmp_path):
 def test_gpu_check_refuses_methods_without_a_budget():
     with pytest.raises(ValueError, match="name@budget"):
         gpu_check.parse_methods(["kvmerger"])
+
+
+# --------------------------------------------------------------------------------------------
+# attention_share.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_attention_share_times_every_layer_of_the_models_shape(tiny_llama):
+    sdpa, column_sums = attention_share.time_layers(tiny_llama.config, 32, torch.float32)
+    assert sdpa > 0 and column_sums > 0
+
+
+def test_attention_share_rejects_bad_settings():
+    with pytest.raises(SystemExit):
+        attention_share.main(["--repeats", "0"])
