@@ -116,16 +116,20 @@ def load(spec: dict[str, Any]):
     return model, tokenizer
 
 
+def press_for(press_name: str, length: int, item: dict, budget: float | None):
+    """(slots kvmerger keeps, kvpress's compression ratio, the press) for one sample or window."""
+    slots = length if budget is None else item["slots"][str(budget)]
+    ratio = None if budget is None else compression_ratio_for(length, slots)
+    return slots, ratio, build_press(press_name, ratio)
+
+
 def run_question(pipeline, press_name: str, sample: dict, budget: float | None) -> dict:
     import torch
     from transformers import DynamicCache
 
     context = torch.tensor([sample["context_ids"]])
     question = torch.tensor([sample["question_ids"]])
-    length = context.shape[1]
-    slots = length if budget is None else sample["slots"][str(budget)]
-    ratio = None if budget is None else compression_ratio_for(length, slots)
-    press = build_press(press_name, ratio)
+    slots, ratio, press = press_for(press_name, context.shape[1], sample, budget)
     cache = DynamicCache()
     start = time.perf_counter()
     with torch.no_grad():
@@ -155,9 +159,7 @@ def run_window(model, metrics, press_name: str, window: dict, budget: float | No
     fed = torch.tensor([window["fed_ids"]])
     targets = torch.tensor([window["target_ids"]])
     length = prefix.shape[1]
-    slots = length if budget is None else window["slots"][str(budget)]
-    ratio = None if budget is None else compression_ratio_for(length, slots)
-    press = build_press(press_name, ratio)
+    slots, ratio, press = press_for(press_name, length, window, budget)
     cache = DynamicCache()
     start = time.perf_counter()
     with torch.no_grad():

@@ -35,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from measure import RESULTS, describe_machine, machine, median, minutes, write_results
+from measure import RESULTS, describe_machine, machine, median, median_ratio, minutes, write_results
 
 DEFAULT_LENGTH = 8192 - 256
 
@@ -213,19 +213,7 @@ def summarise(results: list[dict]) -> list[dict]:
                 "inference_rss_ratio": median(
                     [(r["peak_rss"] - r["rss_after_load"]) / (f["peak_rss"] - f["rss_after_load"]) for r, f in pairs]
                 ),
-                "generation_peak_rss": median_or_none([r["generation_peak_rss"] for r in runs]),
-                "generation_peak_rss_ratio": median_or_none(
-                    [ratio_or_none(r["generation_peak_rss"], f["generation_peak_rss"]) for r, f in pairs]
-                ),
-                "generation_rss_above_load_ratio": median_or_none(
-                    [
-                        ratio_or_none(
-                            r["generation_peak_rss"] and r["generation_peak_rss"] - r["rss_after_load"],
-                            f["generation_peak_rss"] and f["generation_peak_rss"] - f["rss_after_load"],
-                        )
-                        for r, f in pairs
-                    ]
-                ),
+                **generation_columns(pairs),
                 "rss_after_load": median([r["rss_after_load"] for r in runs]),
                 "rss_after_prompt": median([r["rss_after_prompt"] for r in runs]),
             }
@@ -233,13 +221,26 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def ratio_or_none(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or not denominator else numerator / denominator
+def generation_columns(pairs: list[tuple[dict, dict]]) -> dict:
+    """Peak RSS while generating and its ratios to the full cache, per (run, full run) pair of a
+    repeat; None throughout where the OS could not measure it."""
+    names = ("generation_peak_rss", "generation_peak_rss_ratio", "generation_rss_above_load_ratio")
+    if any(run["generation_peak_rss"] is None for pair in pairs for run in pair):
+        return dict.fromkeys(names)
+    runs, full = [run for run, _ in pairs], [f for _, f in pairs]
 
+    def peaks(results: list[dict]) -> list[float]:
+        return [r["generation_peak_rss"] for r in results]
 
-def median_or_none(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return median(present) if present else None
+    def above_load(results: list[dict]) -> list[float]:
+        return [r["generation_peak_rss"] - r["rss_after_load"] for r in results]
+
+    values = (
+        median(peaks(runs)),
+        median_ratio(peaks(runs), peaks(full)),
+        median_ratio(above_load(runs), above_load(full)),
+    )
+    return dict(zip(names, values))
 
 
 def label_of(config: dict) -> str:

@@ -17,7 +17,6 @@ that layer's attention) -> method -> smaller cache -> decoding.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -312,7 +311,7 @@ def _set_size_histogram(set_sizes: torch.Tensor | None) -> dict[int, int]:
     if merged.numel() == 0:
         return {}
     sizes, counts = torch.unique(merged, return_counts=True)
-    return dict(Counter({int(s): int(c) for s, c in zip(sizes.tolist(), counts.tolist())}))
+    return {int(s): int(c) for s, c in zip(sizes.tolist(), counts.tolist())}
 
 
 # --------------------------------------------------------------------------------------------

@@ -365,8 +365,7 @@ class AttentionMatching(CompressionMethod):
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
-        keys = layer.keys.reshape(rows, length, dim)
-        values = layer.values.reshape(rows, length, -1)
+        keys, values = layer.rows()
         scale = row_scale(values)
         ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed)
         token_from = torch.arange(length, device=keys.device).expand(rows, length) if self.causal else None

@@ -47,6 +47,10 @@ class LayerInput:
     def length(self) -> int:
         return self.keys.shape[-2]
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [B*Hkv, T, d] and values [B*Hkv, T, dv]: one row per batch element and KV head."""
+        return self.keys.flatten(0, 1), self.values.flatten(0, 1)
+
 
 @dataclass
 class LayerOutput:

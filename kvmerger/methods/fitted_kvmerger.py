@@ -136,9 +136,8 @@ class FittedKVMerger(CompressionMethod):
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
-        keys = layer.keys.reshape(rows, length, dim)
-        values = layer.values.reshape(rows, length, -1)
-        attention = layer.scores.aggregated_attention().reshape(rows, length)
+        keys, values = layer.rows()
+        attention = layer.scores.aggregated_attention().flatten(0, 1)
         merger = self.merger()
         sets = merger.identify(keys, attention, layer.slots)
         slots = int(sets.count.max())

@@ -222,11 +222,10 @@ class KVMerger(CompressionMethod):
         )
 
     def compress(self, layer: LayerInput) -> LayerOutput:
-        batch, heads, length, dim = layer.keys.shape
+        batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
-        keys = layer.keys.reshape(rows, length, dim)
-        values = layer.values.reshape(rows, length, layer.values.shape[-1])
-        attention = layer.scores.aggregated_attention().reshape(rows, length)
+        keys, values = layer.rows()
+        attention = layer.scores.aggregated_attention().flatten(0, 1)
         sets = self.identify(keys, attention, layer.slots)
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size
