@@ -208,10 +208,11 @@ def summarise(results: list[dict]) -> list[dict]:
                 "cache_bytes_ratio": median([check_budget(r) for r in runs]),
                 "budget": runs[0]["config"].get("budget"),
                 "peak_rss": median([r["peak_rss"] for r in runs]),
-                "peak_rss_ratio": median([r["peak_rss"] / f["peak_rss"] for r, f in pairs]),
+                "peak_rss_ratio": median_ratio([r["peak_rss"] for r, _ in pairs], [f["peak_rss"] for _, f in pairs]),
                 "inference_rss": median([r["peak_rss"] - r["rss_after_load"] for r in runs]),
-                "inference_rss_ratio": median(
-                    [(r["peak_rss"] - r["rss_after_load"]) / (f["peak_rss"] - f["rss_after_load"]) for r, f in pairs]
+                "inference_rss_ratio": median_ratio(
+                    [r["peak_rss"] - r["rss_after_load"] for r, _ in pairs],
+                    [f["peak_rss"] - f["rss_after_load"] for _, f in pairs],
                 ),
                 **generation_columns(pairs),
                 "rss_after_load": median([r["rss_after_load"] for r in runs]),
