@@ -4,10 +4,13 @@ Methods driven by the attention every key received from every prompt query (H2O,
 the fitted merges) need one more pass over all query-key pairs: the model's fused sdpa kernel never
 returns attention probabilities. This script puts that cost in proportion on the default model at
 one prompt length, per layer shape: the whole prefill; the model's own causal sdpa over every layer
-(random states of the layer's shape, so only the kernel is timed); and kvmerger's chunked float32
-column sums over every layer. If attention is most of the prefill (small models, long prompts), a
-second pass over it cannot be "well under" the prefill, however it is written; on large models
-the MLPs dominate and the same pass is a smaller share.
+(random states of the layer's shape, so only the kernel is timed); the same flash kernel keeping
+each row's log-normaliser (what a compressing prefill runs instead of sdpa); and the two ways
+kvmerger computes the column sums over every layer: the fused pass from those log-normalisers
+(the default on CPU) and the chunked float32 pass (the fallback elsewhere). If attention is most
+of the prefill (small models, long prompts), a second pass over it cannot be "well under" the
+prefill, however it is written; on large models the MLPs dominate and the same pass is a smaller
+share.
 
     python benchmarks/attention_share.py                     # 8192 tokens, float32
     python benchmarks/attention_share.py --length 4096 --dtype bfloat16
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 from kvmerger import load_model
-from kvmerger.engine.scoring import aggregated_attention
+from kvmerger.engine import kernels
+from kvmerger.engine.scoring import aggregated_attention, aggregated_attention_from_lse
 
 from measure import RESULTS, describe_machine, essay_ids, machine, median, minutes, write_results
 
@@ -35,8 +39,9 @@ def time_prefill(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_layers(config, length: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(sdpa over all layers, column sums over all layers) on random states of the model's shape."""
+def time_layers(config, length: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds over all layers, on random states of the model's shape, of: sdpa; the kernel keeping
+    lse; the column sums from lse; the chunked column sums."""
     text = config.get_text_config(decoder=True)
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -45,14 +50,27 @@ def time_layers(config, length: int, dtype: torch.dtype) -> tuple[float, float]:
     key = torch.randn(1, kv_heads, length, dim, generator=generator).to(dtype)
     value = torch.randn(1, kv_heads, length, dim, generator=generator).to(dtype)
     scale = dim**-0.5
-    start = time.perf_counter()
-    for _ in range(text.num_hidden_layers):
-        torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    sdpa = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(text.num_hidden_layers):
-        aggregated_attention(query, key, scale)
-    return sdpa, time.perf_counter() - start
+    group = heads // kv_heads
+    lse = kernels.causal_attention_with_lse(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), scale
+    )[1]
+    steps = {
+        "sdpa_s": lambda: torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=True
+        ),
+        "sdpa_with_lse_s": lambda: kernels.causal_attention_with_lse(
+            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), scale
+        ),
+        "column_sums_from_lse_s": lambda: aggregated_attention_from_lse(query, key, lse, scale),
+        "column_sums_chunked_s": lambda: aggregated_attention(query, key, scale),
+    }
+    seconds = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        for _ in range(text.num_hidden_layers):
+            step()
+        seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,21 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for _ in range(args.repeats):
         prefill = time_prefill(model, ids)
-        sdpa, column_sums = time_layers(model.config, args.length, dtype)
-        runs.append({"prefill_s": prefill, "sdpa_s": sdpa, "column_sums_s": column_sums})
-    row = {
-        "length": args.length,
-        "dtype": args.dtype,
-        "prefill_s": median([r["prefill_s"] for r in runs]),
-        "sdpa_share_of_prefill": median([r["sdpa_s"] / r["prefill_s"] for r in runs]),
-        "column_sums_over_prefill": median([r["column_sums_s"] / r["prefill_s"] for r in runs]),
-        "column_sums_over_sdpa": median([r["column_sums_s"] / r["sdpa_s"] for r in runs]),
-    }
-    print(
-        f"prefill {row['prefill_s']:.2f} s | the model's sdpa over all layers / prefill {row['sdpa_share_of_prefill']:.3f}"
-        f" | column sums / prefill {row['column_sums_over_prefill']:.3f}"
-        f" | column sums / sdpa {row['column_sums_over_sdpa']:.2f}"
-    )
+        runs.append({"prefill_s": prefill, **time_layers(model.config, args.length, dtype)})
+    row = {"length": args.length, "dtype": args.dtype, "prefill_s": median([r["prefill_s"] for r in runs])}
+    for part in ("sdpa", "sdpa_with_lse", "column_sums_from_lse", "column_sums_chunked"):
+        row[f"{part}_over_prefill"] = median([r[f"{part}_s"] / r["prefill_s"] for r in runs])
+        row[f"{part}_over_sdpa"] = median([r[f"{part}_s"] / r["sdpa_s"] for r in runs])
+    print(f"prefill {row['prefill_s']:.2f} s; over all layers, as a share of the prefill (and of sdpa):")
+    for part, label in (
+        ("sdpa", "the model's sdpa"),
+        ("sdpa_with_lse", "the same kernel keeping lse"),
+        ("column_sums_from_lse", "column sums from lse (default on CPU)"),
+        ("column_sums_chunked", "chunked column sums (fallback)"),
+    ):
+        print(f"  {label:<40} {row[f'{part}_over_prefill']:.3f}  ({row[f'{part}_over_sdpa']:.2f} x sdpa)")
     command = "python benchmarks/attention_share.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_results(args.out, {"command": command.strip(), "machine": info, "row": row, "runs": runs})
 

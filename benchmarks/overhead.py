@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from kvmerger import compress_prefill, get_method, load_model, record_prefill
-from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods import METHODS
 
 from measure import (  # noqa: E402  (a helper beside this script)
@@ -63,7 +62,7 @@ def time_plain_prefill(model, ids: torch.Tensor) -> float:
 
 def fresh_statistics(prefill):
     """The same prefill with attention statistics not yet computed, so the next method pays its own."""
-    scores = [LayerScores(s.query, s.key, s.scaling, s.chunk) for s in prefill.scores]
+    scores = [s.fresh() for s in prefill.scores]
     return dataclasses.replace(prefill, scores=scores)
 
 

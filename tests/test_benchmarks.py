@@ -339,8 +339,9 @@ def test_gpu_check_refuses_methods_without_a_budget():
 
 
 def test_attention_share_times_every_layer_of_the_models_shape(tiny_llama):
-    sdpa, column_sums = attention_share.time_layers(tiny_llama.config, 32, torch.float32)
-    assert sdpa > 0 and column_sums > 0
+    seconds = attention_share.time_layers(tiny_llama.config, 32, torch.float32)
+    assert set(seconds) == {"sdpa_s", "sdpa_with_lse_s", "column_sums_from_lse_s", "column_sums_chunked_s"}
+    assert all(value > 0 for value in seconds.values())
 
 
 def test_attention_share_rejects_bad_settings():

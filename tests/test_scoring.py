@@ -5,8 +5,10 @@ import copy
 import pytest
 import torch
 
-from kvmerger.engine.scoring import LayerScores, aggregated_attention, window_attention
-from kvmerger.engine.session import record_prefill
+from kvmerger.engine import kernels
+from kvmerger.engine.hf import install_session
+from kvmerger.engine.scoring import LayerScores, aggregated_attention, aggregated_attention_from_lse, window_attention
+from kvmerger.engine.session import RecordingSession, record_prefill
 
 
 def eager_probabilities(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -82,3 +84,92 @@ def test_scores_are_memoised_and_timed():
     assert scores.seconds > 0
     with pytest.raises(ValueError, match="group evenly"):
         LayerScores(torch.randn(1, 3, 5, 4), torch.randn(1, 2, 5, 4), 0.5)
+
+
+# -- the fused path: the prefill keeps each row's log-normaliser, one flash pass gives the column sums --
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_gives_sdpa_output_bit_for_bit_and_each_rows_log_normaliser(dtype):
+    generator = torch.Generator().manual_seed(11)
+    query = (torch.randn(2, 6, 70, 16, generator=generator) * 2).to(dtype)
+    key = torch.randn(2, 6, 70, 16, generator=generator).to(dtype)
+    value = torch.randn(2, 6, 70, 16, generator=generator).to(dtype)
+    output, lse = kernels.causal_attention_with_lse(query, key, value, 0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3)
+    assert torch.equal(output, expected)
+    future = torch.ones(70, 70, dtype=torch.bool).triu(1)
+    logits = (query.double() @ key.double().transpose(-1, -2) * 0.3).masked_fill(future, float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (2, 6, 70)
+    torch.testing.assert_close(lse.double(), logits.logsumexp(dim=-1), rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def lse_of(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    group = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(group, dim=1)
+    return kernels.causal_attention_with_lse(query, keys, keys, scaling)[1]
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("length", [2, 33, 130])
+def test_column_sums_from_the_log_normalisers_match_eager(heads, length):
+    q_heads, kv_heads = heads
+    generator = torch.Generator().manual_seed(length + q_heads)
+    query = torch.randn(2, q_heads, length, 16, generator=generator) * 3  # sharp attention: large logits
+    key = torch.randn(2, kv_heads, length, 16, generator=generator)
+    expected = grouped_column_sums(eager_probabilities(query, key, 0.25), kv_heads)
+    got = aggregated_attention_from_lse(query, key, lse_of(query, key, 0.25), 0.25)
+    assert got.dtype == torch.float32 and got.shape == (2, kv_heads, length)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_column_sums_from_the_log_normalisers_in_bf16_stay_within_one_percent():
+    """bf16 states run the swapped pass in bf16; the float32 column sums of the same states are the truth."""
+    generator = torch.Generator().manual_seed(5)
+    query = (torch.randn(1, 6, 200, 32, generator=generator) * 2).bfloat16()
+    key = torch.randn(1, 2, 200, 32, generator=generator).bfloat16()
+    expected = grouped_column_sums(eager_probabilities(query, key, 0.2), 2)
+    got = aggregated_attention_from_lse(query, key, lse_of(query, key, 0.2), 0.2).double()
+    relative = (got - expected).abs() / expected
+    assert relative.max() <= 1e-2
+
+
+def test_layer_scores_take_the_fused_path_only_when_they_can(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 4, 40, 8, generator=generator) * 2
+    key = torch.randn(1, 2, 40, 8, generator=generator)
+    fused = LayerScores(query, key, 0.4, lse=lse_of(query, key, 0.4))
+    chunked = LayerScores(query, key, 0.4)
+    assert fused.uses_fused_path and not chunked.uses_fused_path
+    torch.testing.assert_close(fused.aggregated_attention(), chunked.aggregated_attention(), rtol=1e-4, atol=1e-6)
+    assert fused.fresh().uses_fused_path and fused.fresh().lse is fused.lse
+    monkeypatch.setattr(kernels, "available", lambda device, dtype: False)
+    assert not LayerScores(query, key, 0.4, lse=fused.lse).uses_fused_path
+    with pytest.raises(ValueError, match="lse must be"):
+        LayerScores(query, key, 0.4, lse=fused.lse[..., :-1])
+
+
+def test_a_compressing_prefill_keeps_the_log_normalisers_and_its_logits(tiny_llama, random_ids):
+    """The prefill's attention runs the kernel that keeps lse, and the model's output does not change."""
+    prefill = record_prefill(tiny_llama, random_ids)
+    assert all(scores.uses_fused_path for scores in prefill.scores)
+    with torch.no_grad():
+        plain = tiny_llama(random_ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    assert torch.equal(prefill.last_logits, plain)
+
+
+def test_a_prefill_with_an_explicit_mask_falls_back_to_sdpa_and_the_chunked_pass(tiny_llama, random_ids):
+    """A 4-D float mask is not plain causal attention: no lse is kept, the scores are still eager's."""
+    length = random_ids.shape[1]
+    causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    session = RecordingSession(tiny_llama)
+    with torch.no_grad(), install_session(tiny_llama, session):
+        cache = tiny_llama(random_ids, attention_mask=causal, use_cache=True).cache
+    assert all(lse is None for _, _, lse in session.queries.values())
+    fused = record_prefill(tiny_llama, random_ids)
+    for index, (query, scaling, lse) in session.queries.items():
+        chunked = LayerScores(query, cache.layers[index].keys, scaling, lse=lse)
+        assert not chunked.uses_fused_path
+        torch.testing.assert_close(
+            chunked.aggregated_attention(), fused.scores[index].aggregated_attention(), rtol=1e-4, atol=1e-6
+        )

@@ -5,7 +5,8 @@
   logit bias per stored slot and KV head.
 * The attention function registered as ``"kvmerger"``: transformers' own sdpa path, with the
   per-slot bias added, and the hook through which a compression session sees each layer's query
-  and key states once, right after the prompt's prefill attention of that layer.
+  and key states once, right after the prompt's prefill attention of that layer (with each
+  softmax row's log-normaliser, where `engine.kernels` can keep it).
 * `check_supported` / `install_session`: which models the engine can drive, and the forward
   pre-hook that gives `generate()`'s cache our layers.
 
@@ -21,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from kvmerger.engine import kernels
 
 if TYPE_CHECKING:
     from kvmerger.engine.session import CompressionSession
@@ -246,19 +249,67 @@ def kvmerger_attention(
     """transformers' sdpa attention, plus per-slot biases and the session's per-layer hooks.
 
     query: [batch, q_heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]
-    (post-RoPE, exactly as the cache returned them).
+    (post-RoPE, exactly as the cache returned them). A prompt's prefill that the session compresses
+    runs the same flash kernel as sdpa but keeps each row's log-normaliser for the scoring.
     """
     session = active_session()
     layer = session.layer_for(module, key) if session is not None else None
-    position_bias = _query_head_bias(layer.slot_bias, query) if layer is not None else None
-    if layer is not None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-        attention_mask = _mask_for_length(attention_mask, key.shape[-2])
-    output, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=position_bias, **kwargs
-    )
+    lse = None
+    if (
+        layer is not None
+        and layer.prefill_pending
+        and scaling is not None
+        and _can_keep_lse(module, query, key, value, attention_mask, dropout, kwargs)
+    ):
+        output, lse = _prefill_attention_with_lse(query, key, value, scaling)
+    else:
+        position_bias = _query_head_bias(layer.slot_bias, query) if layer is not None else None
+        if layer is not None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+            attention_mask = _mask_for_length(attention_mask, key.shape[-2])
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=position_bias, **kwargs
+        )
     if layer is not None:
-        session.after_attention(layer, module, query, key, value, scaling or module.scaling)
+        session.after_attention(layer, module, query, key, value, scaling or module.scaling, lse)
     return output, None
+
+
+def _can_keep_lse(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict,
+) -> bool:
+    """Whether sdpa would run plain causal attention here, so the flash kernel gives the same output.
+
+    That is a square causal prefill (no mask tensor, no dropout, no soft-capping or sliding window)
+    on a device and dtype the kernel supports.
+    """
+    return (
+        attention_mask is None
+        and dropout == 0.0
+        and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)) is True
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and query.shape[-2] == key.shape[-2] > 1
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and query.dtype == key.dtype == value.dtype
+        and kernels.available(query.device, query.dtype)
+    )
+
+
+def _prefill_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill's causal attention in transformers' output layout [B, T, Hq, d], and its lse [B, Hq, T]."""
+    group = query.shape[1] // key.shape[1]
+    output, lse = kernels.causal_attention_with_lse(
+        query, repeat_kv(key, group), repeat_kv(value, group), scaling
+    )
+    return output.transpose(1, 2).contiguous(), lse
 
 
 def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:

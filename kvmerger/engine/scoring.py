@@ -2,8 +2,14 @@
 
 The model runs with sdpa, which never returns attention probabilities, and asking transformers for
 `output_attentions` materialises every [T, T] matrix at once (19 GiB at 4k tokens on the default
-model). Here the probabilities are recomputed in query chunks, in float32, with the causal mask:
-memory stays O(chunk x T) per head.
+model). Two ways to get them without that:
+
+* `aggregated_attention_from_lse`: when the prefill's attention kept each row's log-normaliser
+  (on CPU, see `engine.kernels`), every key's column sum is one more fused flash-attention pass,
+  with the roles of queries and keys swapped. No [T, T] matrix exists at any point.
+* `attention_column_sums`: the probabilities recomputed in query chunks, in float32, with the
+  causal mask; memory O(chunk x T) per head. Used for the observation windows (few queries), on
+  devices without the fused op, and as the plainly written check of the fast path.
 
 Grouped-query attention stays native: scores are returned per KV head, averaged over the query
 heads that share it.
@@ -15,6 +21,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from kvmerger.engine import kernels
 
 DEFAULT_CHUNK = 64  # queries per chunk; measured fastest among 16-256 on 2 CPU cores (2k and 8k tokens)
 
@@ -57,6 +65,36 @@ def aggregated_attention(
     return attention_column_sums(query, key, scaling, 0, chunk)
 
 
+def aggregated_attention_from_lse(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """H2O's score from the prefill's log-normalisers, in one fused attention pass. [B, Hkv, T].
+
+    Column j sums P[i, j] = exp(s q_i.k_j - lse_i) over the queries i >= j. Read with the roles
+    swapped, key j is a query over the prompt's queries i >= j (anti-causal: flip both sequences
+    and it is causal), with value w_i = exp(m - lse_i). The flash kernel returns that softmax's
+    log-normaliser L_j = log sum_i exp(s k_j.q_i) and its output o_j = sum_i exp(s k_j.q_i) w_i / exp(L_j),
+    so the column sum is o_j exp(L_j - m). m = min_i lse_i keeps every w_i in (0, 1].
+
+    Runs in bfloat16 when the states are bfloat16 (the kernel accumulates in float32; measured
+    relative error <= 1e-2 against float32 column sums of the same states), else in float32.
+    query: [B, Hq, T, d]; key: [B, Hkv, T, d]; lse: [B, Hq, T] as `kernels.causal_attention_with_lse`
+    returns it.
+    """
+    batch, q_heads, length, dim = query.shape
+    group = q_heads // key.shape[1]
+    work = torch.bfloat16 if query.dtype == torch.bfloat16 else torch.float32
+    swapped_queries = key.to(work).repeat_interleave(group, dim=1).flip(2)
+    swapped_keys = query.to(work).flip(2)
+    lse = lse.float()
+    shift = lse.amin(dim=-1, keepdim=True)  # [B, Hq, 1]
+    weights = swapped_keys.new_zeros(batch, q_heads, length, dim)
+    weights[..., 0] = (shift - lse).exp().flip(2)
+    output, swapped_lse = kernels.causal_attention_with_lse(swapped_queries, swapped_keys, weights, scaling)
+    per_query_head = (output[..., 0].float() * (swapped_lse.float() - shift).exp()).flip(2)
+    return per_query_head.view(batch, -1, group, length).mean(dim=2)
+
+
 def window_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
@@ -93,19 +131,43 @@ class LayerScores:
 
     Built from the layer's query states [B, Hq, T, d] and key states [B, Hkv, T, d] (post-RoPE, as
     the attention saw them), so that several methods compressing the same prefill share the work.
+    `lse` [B, Hq, T], the prefill attention's log-normalisers where the engine could keep them,
+    lets the aggregated attention take the fused path (`aggregated_attention_from_lse`).
     """
 
     def __init__(
-        self, query: torch.Tensor | None, key: torch.Tensor, scaling: float, chunk: int = DEFAULT_CHUNK
+        self,
+        query: torch.Tensor | None,
+        key: torch.Tensor,
+        scaling: float,
+        chunk: int = DEFAULT_CHUNK,
+        lse: torch.Tensor | None = None,
     ) -> None:
         if query is not None and query.shape[1] % key.shape[1]:
             raise ValueError(f"{query.shape[1]} query heads do not group evenly over {key.shape[1]} KV heads")
+        if lse is not None and (query is None or lse.shape != query.shape[:3]):
+            raise ValueError(f"lse must be [batch, query heads, tokens] like the query states, got {tuple(lse.shape)}")
         self.query = query
         self.key = key
         self.scaling = scaling
         self.chunk = chunk
+        self.lse = lse
         self._memo: dict[tuple, torch.Tensor] = {}
         self.seconds = 0.0  # time spent computing statistics, for the reports
+
+    def fresh(self) -> LayerScores:
+        """The same inputs with nothing computed yet (to time a method's own scoring)."""
+        return LayerScores(self.query, self.key, self.scaling, self.chunk, self.lse)
+
+    @property
+    def uses_fused_path(self) -> bool:
+        """Whether `aggregated_attention()` takes the fused flash pass rather than the chunked one."""
+        return (
+            self.lse is not None
+            and self.query is not None
+            and self.query.shape[-1] == self.key.shape[-1]
+            and kernels.available(self.key.device, self.key.dtype)
+        )
 
     @classmethod
     def precomputed(
@@ -134,9 +196,11 @@ class LayerScores:
 
     def aggregated_attention(self) -> torch.Tensor:
         """[B, Hkv, T]: attention each key received, summed over all prompt queries."""
-        return self._memoised(
-            ("aggregated",), lambda: aggregated_attention(self.query, self.key, self.scaling, self.chunk)
-        )
+        if self.uses_fused_path:
+            compute = lambda: aggregated_attention_from_lse(self.query, self.key, self.lse, self.scaling)  # noqa: E731
+        else:
+            compute = lambda: aggregated_attention(self.query, self.key, self.scaling, self.chunk)  # noqa: E731
+        return self._memoised(("aggregated",), compute)
 
     def window_attention(self, window: int) -> torch.Tensor:
         """[B, Hkv, T]: attention each key received from the last `window` queries, summed."""

@@ -134,10 +134,12 @@ class Session:
         key: torch.Tensor,
         value: torch.Tensor,
         scaling: float,
+        lse: torch.Tensor | None = None,
     ) -> None:
+        """`lse`: the prefill rows' log-normalisers [B, Hq, T] when the attention kept them."""
         if layer.prefill_pending:
             layer.prefill_pending = False
-            self.on_prefill(layer, module.layer_idx, query, key, value, scaling)
+            self.on_prefill(layer, module.layer_idx, query, key, value, scaling, lse)
         elif layer.hold is not None and self.hold_method is not None:
             self._hold_budget(layer, module.layer_idx, query, key, scaling)
 
@@ -181,7 +183,14 @@ class Session:
         self.seconds_holding += time.perf_counter() - start
 
     def on_prefill(
-        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: CompressedLayer,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        lse: torch.Tensor | None,
     ) -> None:
         """Called once per layer, right after the prompt's attention in that layer."""
 
@@ -217,9 +226,16 @@ class CompressionSession(Session):
         self._building = None
 
     def on_prefill(
-        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: CompressedLayer,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        lse: torch.Tensor | None,
     ) -> None:
-        scores = LayerScores(query, key, scaling, self.chunk_size)
+        scores = LayerScores(query, key, scaling, self.chunk_size, lse)
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
@@ -236,18 +252,25 @@ class CompressionSession(Session):
 
 
 class RecordingSession(Session):
-    """Keeps each layer's prefill query states (and scaling) for later compression."""
+    """Keeps each layer's prefill query states, scaling and log-normalisers for later compression."""
 
     handles_prefill = True
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK) -> None:
         super().__init__(model, chunk_size)
-        self.queries: dict[int, tuple[torch.Tensor, float]] = {}
+        self.queries: dict[int, tuple[torch.Tensor, float, torch.Tensor | None]] = {}
 
     def on_prefill(
-        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: CompressedLayer,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        lse: torch.Tensor | None,
     ) -> None:
-        self.queries[layer_idx] = (query, scaling)
+        self.queries[layer_idx] = (query, scaling, lse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,8 +409,8 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
     seconds = time.perf_counter() - start
     queries = [session.queries[i][0] for i in range(len(cache.layers))]
     scores = [
-        LayerScores(session.queries[i][0], cache.layers[i].keys, session.queries[i][1], chunk_size)
-        for i in range(len(cache.layers))
+        LayerScores(query, layer.keys, scaling, chunk_size, lse)
+        for layer, (query, scaling, lse) in zip(cache.layers, (session.queries[i] for i in range(len(cache.layers))))
     ]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
