@@ -9,7 +9,8 @@ So every method pays its own scoring, exactly as it would inside `compress(model
 a prefill per method. "Compress" is what a user pays on top of the prefill:
 
 * scoring: the attention statistics the method asks for (aggregated attention, SnapKV's window...),
-  recomputed in float32 query chunks from the layer's query and key states;
+  from the layer's query and key states: the aggregated attention by one fused pass from the
+  prefill's log-normalisers where the engine kept them (CPU), else in float32 query chunks;
 * method: the method itself (top-k, merging, gathers).
 
 Reported: medians over repeats of per-repeat ratios (scoring + method) / prefill and
