@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from kvmerger.engine import kernels
+from kvmerger.engine import kernels, scoring
 from kvmerger.engine.hf import install_session
 from kvmerger.engine.scoring import LayerScores, aggregated_attention, aggregated_attention_from_lse, window_attention
 from kvmerger.engine.session import RecordingSession, record_prefill
@@ -61,14 +61,18 @@ def test_bf16_states_are_scored_in_float32():
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_scores_from_a_real_prefill_match_eager_attention_weights(tiny_llama, random_ids):
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+def test_scores_from_a_real_prefill_match_eager_attention_weights(tiny_llama, random_ids, fused, monkeypatch):
     """Query states captured from the model's own attention call give eager attention's column sums."""
+    if fused:
+        monkeypatch.setattr(scoring, "FUSED_FROM_TOKENS", 2)
     eager = type(tiny_llama)(copy.deepcopy(tiny_llama.config)).eval()  # its own config: the fixture's stays sdpa
     eager.load_state_dict(tiny_llama.state_dict())
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         attentions = eager(random_ids, output_attentions=True).attentions
     prefill = record_prefill(tiny_llama, random_ids, chunk_size=5)
+    assert all(scores.uses_fused_path == fused for scores in prefill.scores)
     kv_heads = tiny_llama.config.num_key_value_heads
     for layer, probs in enumerate(attentions):
         expected = grouped_column_sums(probs.double(), kv_heads)
@@ -134,11 +138,20 @@ def test_column_sums_from_the_log_normalisers_in_bf16_stay_within_one_percent():
     assert relative.max() <= 1e-2
 
 
+@pytest.fixture
+def fused_from_two_tokens(monkeypatch):
+    """Let short test prompts take the fused path (by default it starts where it is the faster one)."""
+    monkeypatch.setattr(scoring, "FUSED_FROM_TOKENS", 2)
+
+
 def test_layer_scores_take_the_fused_path_only_when_they_can(monkeypatch):
     generator = torch.Generator().manual_seed(2)
     query = torch.randn(1, 4, 40, 8, generator=generator) * 2
     key = torch.randn(1, 2, 40, 8, generator=generator)
-    fused = LayerScores(query, key, 0.4, lse=lse_of(query, key, 0.4))
+    lse = lse_of(query, key, 0.4)
+    assert not LayerScores(query, key, 0.4, lse=lse).uses_fused_path  # 40 tokens: the chunked pass is faster
+    monkeypatch.setattr(scoring, "FUSED_FROM_TOKENS", 40)
+    fused = LayerScores(query, key, 0.4, lse=lse)
     chunked = LayerScores(query, key, 0.4)
     assert fused.uses_fused_path and not chunked.uses_fused_path
     torch.testing.assert_close(fused.aggregated_attention(), chunked.aggregated_attention(), rtol=1e-4, atol=1e-6)
@@ -149,7 +162,7 @@ def test_layer_scores_take_the_fused_path_only_when_they_can(monkeypatch):
         LayerScores(query, key, 0.4, lse=fused.lse[..., :-1])
 
 
-def test_a_compressing_prefill_keeps_the_log_normalisers_and_its_logits(tiny_llama, random_ids):
+def test_a_compressing_prefill_keeps_the_log_normalisers_and_its_logits(tiny_llama, random_ids, fused_from_two_tokens):
     """The prefill's attention runs the kernel that keeps lse, and the model's output does not change."""
     prefill = record_prefill(tiny_llama, random_ids)
     assert all(scores.uses_fused_path for scores in prefill.scores)
@@ -158,7 +171,9 @@ def test_a_compressing_prefill_keeps_the_log_normalisers_and_its_logits(tiny_lla
     assert torch.equal(prefill.last_logits, plain)
 
 
-def test_a_prefill_with_an_explicit_mask_falls_back_to_sdpa_and_the_chunked_pass(tiny_llama, random_ids):
+def test_a_prefill_with_an_explicit_mask_falls_back_to_sdpa_and_the_chunked_pass(
+    tiny_llama, random_ids, fused_from_two_tokens
+):
     """A 4-D float mask is not plain causal attention: no lse is kept, the scores are still eager's."""
     length = random_ids.shape[1]
     causal = torch.full((length, length), float("-inf")).triu(1)[None, None]

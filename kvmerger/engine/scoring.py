@@ -25,6 +25,10 @@ import torch
 from kvmerger.engine import kernels
 
 DEFAULT_CHUNK = 64  # queries per chunk; measured fastest among 16-256 on 2 CPU cores (2k and 8k tokens)
+# Below this many tokens the chunked pass is the faster one: on the default model's layer shape,
+# fp32, 2 CPU cores (benchmarks/attention_share.py, 2026-11-29) the fused pass cost 1.17 / 1.04 /
+# 1.09 / 0.96 x sdpa at 1k / 2k / 4k / 8k tokens, the chunked one 0.92 / 1.07 / 1.25 / 1.36.
+FUSED_FROM_TOKENS = 2048
 
 
 def attention_column_sums(
@@ -164,6 +168,7 @@ class LayerScores:
         """Whether `aggregated_attention()` takes the fused flash pass rather than the chunked one."""
         return (
             self.lse is not None
+            and self.key.shape[-2] >= FUSED_FROM_TOKENS
             and self.query is not None
             and self.query.shape[-1] == self.key.shape[-1]
             and kernels.available(self.key.device, self.key.dtype)
