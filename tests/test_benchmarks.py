@@ -22,6 +22,7 @@ import kvpress_side  # noqa: E402
 import measure  # noqa: E402
 import memory  # noqa: E402
 import overhead  # noqa: E402
+import statistic_agreement  # noqa: E402
 
 from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
 from kvmerger.evaluation.tasks import Sample, get_task  # noqa: E402
@@ -347,3 +348,25 @@ def test_attention_share_times_every_layer_of_the_models_shape(tiny_llama):
 def test_attention_share_rejects_bad_settings():
     with pytest.raises(SystemExit):
         attention_share.main(["--repeats", "0"])
+
+
+# --------------------------------------------------------------------------------------------
+# statistic_agreement.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_statistic_agreement_finds_float32_exact_and_the_same_slots(tiny_llama, random_ids, monkeypatch):
+    from kvmerger.engine import scoring
+
+    monkeypatch.setattr(scoring, "FUSED_FROM_TOKENS", 2)
+    prefill = record_prefill(tiny_llama, random_ids)
+    worst, shares = statistic_agreement.agreement(prefill, [get_method("h2o", budget=0.5), get_method("cam", budget=0.35)])
+    assert worst <= 1e-4
+    assert shares == {"h2o@0.5": 1.0, "cam@0.35": 1.0}
+
+
+def test_statistic_agreement_refuses_prompts_that_take_the_chunked_pass(tiny_llama, random_ids):
+    with pytest.raises(ValueError, match="log-normalisers"):
+        statistic_agreement.agreement(record_prefill(tiny_llama, random_ids), [get_method("h2o", budget=0.5)])
+    with pytest.raises(SystemExit):
+        statistic_agreement.main(["--length", "1024"])
