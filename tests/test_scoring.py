@@ -180,10 +180,10 @@ def test_a_prefill_with_an_explicit_mask_falls_back_to_sdpa_and_the_chunked_pass
     session = RecordingSession(tiny_llama)
     with torch.no_grad(), install_session(tiny_llama, session):
         cache = tiny_llama(random_ids, attention_mask=causal, use_cache=True).cache
-    assert all(lse is None for _, _, lse in session.queries.values())
+    assert all(attention.lse is None for attention in session.attention.values())
     fused = record_prefill(tiny_llama, random_ids)
-    for index, (query, scaling, lse) in session.queries.items():
-        chunked = LayerScores(query, cache.layers[index].keys, scaling, lse=lse)
+    for index, attention in session.attention.items():
+        chunked = LayerScores(attention.query, cache.layers[index].keys, attention.scaling, lse=attention.lse)
         assert not chunked.uses_fused_path
         torch.testing.assert_close(
             chunked.aggregated_attention(), fused.scores[index].aggregated_attention(), rtol=1e-4, atol=1e-6

@@ -71,6 +71,17 @@ class SlotMeta:
         )
 
 
+@dataclass(frozen=True)
+class PrefillAttention:
+    """One layer's prompt attention as the session sees it, right after it ran."""
+
+    query: torch.Tensor  # [B, Hq, T, d], post-RoPE
+    key: torch.Tensor  # [B, Hkv, T, d], the cache's own tensor
+    value: torch.Tensor  # [B, Hkv, T, d]
+    scaling: float
+    lse: torch.Tensor | None  # [B, Hq, T] float32 log-normalisers, where the attention kept them
+
+
 class Session:
     """Applies per-slot biases and, with `hold_method`, holds each compressed layer's budget during
     generation; does nothing special at prefill. Subclasses act on the prefill."""
@@ -139,7 +150,7 @@ class Session:
         """`lse`: the prefill rows' log-normalisers [B, Hq, T] when the attention kept them."""
         if layer.prefill_pending:
             layer.prefill_pending = False
-            self.on_prefill(layer, module.layer_idx, query, key, value, scaling, lse)
+            self.on_prefill(layer, module.layer_idx, PrefillAttention(query, key, value, scaling, lse))
         elif layer.hold is not None and self.hold_method is not None:
             self._hold_budget(layer, module.layer_idx, query, key, scaling)
 
@@ -182,16 +193,7 @@ class Session:
         _synchronize(key.device)
         self.seconds_holding += time.perf_counter() - start
 
-    def on_prefill(
-        self,
-        layer: CompressedLayer,
-        layer_idx: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: float,
-        lse: torch.Tensor | None,
-    ) -> None:
+    def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
         """Called once per layer, right after the prompt's attention in that layer."""
 
 
@@ -225,17 +227,9 @@ class CompressionSession(Session):
         super().begin_forward(cache, query_length)
         self._building = None
 
-    def on_prefill(
-        self,
-        layer: CompressedLayer,
-        layer_idx: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: float,
-        lse: torch.Tensor | None,
-    ) -> None:
-        scores = LayerScores(query, key, scaling, self.chunk_size, lse)
+    def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
+        key, value = attention.key, attention.value
+        scores = LayerScores(attention.query, key, attention.scaling, self.chunk_size, attention.lse)
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
@@ -258,19 +252,10 @@ class RecordingSession(Session):
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK) -> None:
         super().__init__(model, chunk_size)
-        self.queries: dict[int, tuple[torch.Tensor, float, torch.Tensor | None]] = {}
+        self.attention: dict[int, PrefillAttention] = {}
 
-    def on_prefill(
-        self,
-        layer: CompressedLayer,
-        layer_idx: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: float,
-        lse: torch.Tensor | None,
-    ) -> None:
-        self.queries[layer_idx] = (query, scaling, lse)
+    def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
+        self.attention[layer_idx] = attention
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,10 +392,11 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
         output = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     _synchronize(input_ids.device)
     seconds = time.perf_counter() - start
-    queries = [session.queries[i][0] for i in range(len(cache.layers))]
+    attention = [session.attention[i] for i in range(len(cache.layers))]
+    queries = [layer.query for layer in attention]
     scores = [
-        LayerScores(query, layer.keys, scaling, chunk_size, lse)
-        for layer, (query, scaling, lse) in zip(cache.layers, (session.queries[i] for i in range(len(cache.layers))))
+        LayerScores(layer.query, cached.keys, layer.scaling, chunk_size, layer.lse)
+        for layer, cached in zip(attention, cache.layers)
     ]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
