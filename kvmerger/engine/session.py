@@ -394,10 +394,7 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
     seconds = time.perf_counter() - start
     attention = [session.attention[i] for i in range(len(cache.layers))]
     queries = [layer.query for layer in attention]
-    scores = [
-        LayerScores(layer.query, cached.keys, layer.scaling, chunk_size, layer.lse)
-        for layer, cached in zip(attention, cache.layers)
-    ]
+    scores = [LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse) for layer in attention]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
 
