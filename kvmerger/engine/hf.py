@@ -16,6 +16,7 @@ Nothing else in the package imports transformers' private modules.
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -176,6 +177,19 @@ class CompressedCache(Cache):
             layer.seen_tokens = seen_tokens
             layer.compressed_slots = keys.shape[-2] if keys.shape[-2] < seen_tokens else 0
         return cache
+
+    def fork(self) -> CompressedCache:
+        """A new cache holding the same stored slots, to continue from this point more than once (several
+        questions over one compressed prompt). The tensors are shared, not copied: a layer's update
+        concatenates into new tensors and never writes into the stored ones."""
+        forked = CompressedCache(num_layers=len(self.layers))
+        for mine, theirs in zip(forked.layers, self.layers, strict=True):
+            if theirs.is_initialized:
+                mine.replace(theirs.keys, theirs.values, theirs.slot_bias)
+            mine.seen_tokens = theirs.seen_tokens
+            mine.compressed_slots = theirs.compressed_slots
+            mine.hold = theirs.hold
+        return forked
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -383,7 +397,9 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def install_session(model: PreTrainedModel, session: CompressionSession) -> Iterator[None]:
     """Route `model`'s attention through kvmerger and give every forward pass a kvmerger cache.
 
-    On exit the attention implementation and the hooks are restored, whatever happened inside.
+    Sessions nest: inside another session's block (the engine's own second passes, such as KVzip's
+    reconstruction, run from a session's hook), only the innermost session's hooks act. On exit the
+    attention implementation and the hooks are restored, whatever happened inside.
     """
     register_attention()
     previous = model.config._attn_implementation
@@ -401,6 +417,8 @@ def install_session(model: PreTrainedModel, session: CompressionSession) -> Iter
 
 def _make_pre_hook(session: CompressionSession) -> Callable:
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if active_session() is not session:
+            return args, kwargs
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -413,7 +431,8 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
         if cache is not None:
             cache = _as_compressed_cache(cache, module.config)
             kwargs[key] = cache
-        session.begin_forward(cache, None if inputs is None else inputs.shape[1])
+        token_ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
+        session.begin_forward(cache, None if inputs is None else inputs.shape[1], token_ids)
         return args, kwargs
 
     return pre_hook
@@ -421,10 +440,36 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
 
 def _make_post_hook(session: CompressionSession) -> Callable:
     def post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        session.end_forward()
+        if active_session() is session:
+            session.end_forward()
         return output
 
     return post_hook
+
+
+def rotary_tables(model: PreTrainedModel) -> Callable[[int], Callable] | None:
+    """`for_layer(layer_idx)(positions [n]) -> (cos, sin)` [n, d] float32 from the model's own rotary
+    embedding (attention scaling included; the layer's type chosen where the model has several, as
+    Gemma 3 does), or None if the model has none where transformers puts it."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        return None
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_types = _layer_types(model.config.get_text_config(decoder=True)) if takes_layer_type else []
+    device = next(model.parameters()).device
+
+    def for_layer(layer_idx: int) -> Callable:
+        extra = {"layer_type": layer_types[layer_idx]} if takes_layer_type else {}
+
+        def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            probe = torch.empty(0, dtype=torch.float32, device=device)
+            cos, sin = rotary(probe, positions.to(device).unsqueeze(0), **extra)
+            return cos[0].float(), sin[0].float()
+
+        return tables
+
+    return for_layer
 
 
 def _check_no_padding(attention_mask: torch.Tensor | None) -> None:

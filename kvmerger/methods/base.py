@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import LayerScores
+from kvmerger.engine.scoring import SCORE_SOURCES, LayerScores
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 BIAS_BYTES = 4  # one float32 logit per slot and KV head
@@ -179,6 +179,11 @@ class CompressionMethod(ABC):
         """Whether every layer and head ends with exactly `target_slots` slots (the engine checks it)."""
         return True
 
+    def needs_reconstruction(self) -> bool:
+        """Whether this method's scores come from KVzip's reconstruction pass (engine.reconstruction),
+        which runs the model again over the prompt once every layer is prefilled."""
+        return False
+
     @abstractmethod
     def compress(self, layer: LayerInput) -> LayerOutput:
         """Return the compressed keys and values of one layer. Must not modify the inputs."""
@@ -209,6 +214,11 @@ def get_method(name: str, **params: Any) -> CompressionMethod:
 # --------------------------------------------------------------------------------------------
 # Helpers shared by methods
 # --------------------------------------------------------------------------------------------
+
+
+def check_score_source(name: str, field_name: str = "score") -> None:
+    if name not in SCORE_SOURCES:
+        raise ValueError(f"{field_name} must be one of {', '.join(SCORE_SOURCES)} (see docs/METHOD.md), got {name!r}")
 
 
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -70,6 +70,7 @@ from typing import ClassVar
 import torch
 
 from kvmerger.methods.attention_matching import (
+    check_reference,
     fit_report,
     fit_slot_values,
     fit_slot_weights,
@@ -108,11 +109,14 @@ class FittedKVMerger(CompressionMethod):
     bias_ridge: float = 0.1
     ridge: float = 0.1
     seed: int = 0
+    score: str = "aggregated"
+    reference: str = "prompt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.merger()  # validates KVMerger's knobs
         validate_fit_fields(self)
+        check_reference(self.reference)
         if self.slot_keys not in KEY_CHOICES:
             raise ValueError(f"slot_keys must be one of {KEY_CHOICES}, got {self.slot_keys!r}")
         if not isinstance(self.bias_range, (int, float)) or not 0 < self.bias_range <= 80:
@@ -128,16 +132,21 @@ class FittedKVMerger(CompressionMethod):
     def merger(self) -> KVMerger:
         """The KVMerger whose merging sets this method fits."""
         recent, topk = self.protection()
-        return KVMerger(budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma)
+        return KVMerger(
+            budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score
+        )
 
     def stores_bias(self) -> bool:
         return True
+
+    def needs_reconstruction(self) -> bool:
+        return self.score == "reconstruction" or self.reference == "reconstruction"
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.aggregated_attention().flatten(0, 1)
+        attention = layer.scores.source(self.score).flatten(0, 1)
         merger = self.merger()
         sets = merger.identify(keys, attention, layer.slots)
         slots = int(sets.count.max())
@@ -152,7 +161,7 @@ class FittedKVMerger(CompressionMethod):
         set_end = torch.full((rows, slots), -1, dtype=torch.long, device=keys.device)
         set_end = set_end.scatter_reduce(1, sets.segment, position, reduce="amax")  # [N, S]
         scale = row_scale(values)
-        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed)
+        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed, self.reference)
         token_from = set_end.gather(1, sets.segment) if self.causal else None
         targets = full_cache_targets(ref, keys, values.float() / scale, token_from)
         features = slot_features(ref, slot_keys, targets.shift, set_end if self.causal else None)

@@ -41,6 +41,13 @@ Choices where the paper is silent or uncertain (each one a parameter):
   vision transformers) the slot carries an additive logit bias ``log |S|``, so the group keeps
   the attention mass of its |S| tokens in numerator and denominator; the bias is one float per
   slot and counts in the cache's bytes.
+* ``score="aggregated"`` (default, the paper's): the attention statistic behind the protected top-k
+  tokens and each set's pivot is H2O's, summed over every prompt query. The other score sources of
+  the engine (docs/METHOD.md section 7b, `LayerScores.source`) can take its place: ``window`` (the
+  last 32 prompt queries' attention, pooled over 5 keys, as SnapKV), ``reconstruction`` (KVzip's
+  repeat pass: the largest attention a key gets while the model repeats the prompt) and
+  ``expected`` (Expected Attention's Gaussian model of future queries). Only the ranking changes;
+  the merge is the same.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32 on keys and values rescaled by their row's largest magnitude, so
   zero-norm keys, identical keys, a sigma that would be 0, bf16 and huge inputs give finite results.
@@ -59,6 +66,7 @@ from kvmerger.methods.base import (
     LayerInput,
     LayerOutput,
     SlotState,
+    check_score_source,
     finite_as,
     row_scale,
     top_indices,
@@ -109,9 +117,13 @@ class KVMerger(CompressionMethod):
     sigma: float | None = None
     scale_values_by_set_size: bool = False
     size_bias: bool = False
+    score: str = "aggregated"
+    recent_share: float | None = None
+    topk_share: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_score_source(self.score)
         if self.size_bias and self.scale_values_by_set_size:
             raise ValueError(
                 "size_bias already gives a merged slot the weight of its |S| tokens in the softmax; "
@@ -121,10 +133,15 @@ class KVMerger(CompressionMethod):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not -1.0 <= self.eps <= 1.0:
             raise ValueError(f"eps is a cosine similarity threshold and must be in [-1, 1], got {self.eps}")
-        for field_name in ("recent_ratio", "topk_ratio"):
+        for field_name in ("recent_ratio", "topk_ratio", "recent_share", "topk_share"):
             value = getattr(self, field_name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{field_name} must be in [0, 1], got {value}")
+        for kind in ("recent", "topk"):
+            if getattr(self, f"{kind}_ratio") is not None and getattr(self, f"{kind}_share") is not None:
+                raise ValueError(
+                    f"give {kind}_ratio (a share of the prompt) or {kind}_share (a share of the budget), not both"
+                )
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"sigma must be a positive number (or None for the distance-based rule), got {self.sigma}")
         recent, topk = self.protection()
@@ -138,6 +155,9 @@ class KVMerger(CompressionMethod):
 
     def keeps_budget(self) -> bool:
         return self.mode == "exact"
+
+    def needs_reconstruction(self) -> bool:
+        return self.score == "reconstruction"
 
     def stores_bias(self) -> bool:
         return self.size_bias
@@ -186,7 +206,13 @@ class KVMerger(CompressionMethod):
         )
 
     def protection(self) -> tuple[float, float]:
+        """(recent_ratio, topk_ratio) as shares of the prompt: the fields, the budget shares times the
+        budget, or the paper's settings."""
         recent, topk = paper_protection(self.budget)
+        if self.recent_share is not None:
+            recent = self.recent_share * self.budget
+        if self.topk_share is not None:
+            topk = self.topk_share * self.budget
         return (
             recent if self.recent_ratio is None else self.recent_ratio,
             topk if self.topk_ratio is None else self.topk_ratio,
@@ -225,7 +251,7 @@ class KVMerger(CompressionMethod):
         batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.aggregated_attention().flatten(0, 1)
+        attention = layer.scores.source(self.score).flatten(0, 1)
         sets = self.identify(keys, attention, layer.slots)
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size
@@ -243,7 +269,12 @@ class KVMerger(CompressionMethod):
             positions=positions.reshape(batch, heads, slots),
             set_sizes=sizes.reshape(batch, heads, slots),
             bias=bias,
-            accumulated=_segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots),
+            # attention received so far, to hold the budget while generating (another score is no such sum)
+            accumulated=(
+                _segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots)
+                if self.score == "aggregated"
+                else None
+            ),
             notes={
                 "n_recent": sets.n_recent,
                 "n_topk": sets.n_topk,
