@@ -21,21 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvmerger import compress, compress_prefill, get_method, record_prefill
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
 from kvmerger.engine.scoring import largest_attention, pooled_window_attention
-from tests.conftest import build_tiny
-
-
-class CharTokenizer:
-    """One token per character code below 128; no chat template (the repeat suffix is "\\n")."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [ord(c) % 128 for c in text]
-
-        class Encoding:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-
-        return Encoding()
+from tests.conftest import CharTokenizer, build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,13 @@ Choices where the paper is silent or uncertain (each one a parameter):
 * Protected fractions: ``None`` takes the paper's settings, 0.17 / 0.12 at budget 0.5 and
   0.08 / 0.02 at 0.35; other budgets interpolate linearly through (0, 0, 0), (0.35, ...), (0.5, ...)
   and scale in proportion to budget / 0.5 above 0.5.
-* ``exact`` mode when protection leaves no room: with ``S`` slots, ``n_recent <= S - 1`` and
-  ``n_topk <= (S - n_recent - 1) // 2`` guarantee every head can reach exactly ``S`` slots (each
-  unprotected run needs at least one slot, and top-k tokens split at most n_topk + 1 runs); top-k
-  protection shrinks first, then the recent window, and the statistics say so.
+* ``exact`` mode when protection leaves no room: every unprotected run between protected tokens needs
+  at least one slot, so a head reaches exactly ``S`` slots iff protected tokens plus unprotected runs
+  are at most ``S``. The recent window is cut to ``S - 1`` if needed; then each head keeps the largest
+  number ``k <= n_topk`` of its top-scored tokens that meets that bound (found by a binary search
+  over ``k``, vectorised over heads; the count only grows with ``k``). Heavy hitters that sit next to
+  each other (a number's digits, the sinks) split few runs, so heads keep most of what was asked;
+  the statistics say how much was kept. (The paper's settings never reach the bound.)
 * ``size_bias=False`` (default, as in the paper): a merged slot is one term of the softmax. With
   ``size_bias=True`` (docs/METHOD.md section 5, "size-aware attention", as in token merging for
   vision transformers) the slot carries an additive logit bias ``log |S|``, so the group keeps
@@ -98,8 +101,9 @@ class MergingSets:
     merged_pairs: torch.Tensor  # [N, T-1] bool: pair (t, t+1) is in one set
     similarity: torch.Tensor  # [N, T-1] float32: cos(k_t, k_{t+1})
     n_recent: int
-    n_topk: int
+    n_topk: int  # top-scored tokens asked to be protected (each row kept `topk_kept` of them)
     protection_shrunk: bool
+    topk_kept: torch.Tensor  # [N] long
 
 
 @dataclass
@@ -225,10 +229,16 @@ class KVMerger(CompressionMethod):
         recent_ratio, topk_ratio = self.protection()
         n_recent = _floor_count(recent_ratio, length)
         n_topk = min(_floor_count(topk_ratio, length), length - n_recent)
+        topk_kept = torch.full((keys.shape[0],), n_topk, dtype=torch.long, device=keys.device)
         shrunk = False
         if self.mode == "exact" and slots < length:
-            n_recent, n_topk, shrunk = _fit_protection(n_recent, n_topk, slots)
-        protected = protected_tokens(attention, n_recent, n_topk)
+            shrunk = n_recent > slots - 1
+            n_recent = min(n_recent, slots - 1)
+            n_topk = min(n_topk, length - n_recent)
+            protected, topk_kept = protection_within_budget(attention, n_recent, n_topk, slots)
+            shrunk = shrunk or bool((topk_kept < n_topk).any())
+        else:
+            protected = protected_tokens(attention, n_recent, n_topk)
         similarity = adjacent_similarity(keys)
         eligible = ~protected[:, 1:] & ~protected[:, :-1]
         if self.mode == "paper":
@@ -245,6 +255,7 @@ class KVMerger(CompressionMethod):
             n_recent=n_recent,
             n_topk=n_topk,
             protection_shrunk=shrunk,
+            topk_kept=topk_kept,
         )
 
     def compress(self, layer: LayerInput) -> LayerOutput:
@@ -278,6 +289,7 @@ class KVMerger(CompressionMethod):
             notes={
                 "n_recent": sets.n_recent,
                 "n_topk": sets.n_topk,
+                "topk_kept_mean": float(sets.topk_kept.float().mean()),
                 "protection_shrunk": sets.protection_shrunk,
                 "real_slots_mean": float(sets.count.float().mean()),
                 "weakest_merged_similarity": float(chosen[chosen.isfinite()].mean()) if chosen.isfinite().any() else None,
@@ -298,6 +310,41 @@ def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, b
     fitted_recent = min(n_recent, slots - 1)
     fitted_topk = min(n_topk, max(0, (slots - fitted_recent - 1) // 2))
     return fitted_recent, fitted_topk, (fitted_recent, fitted_topk) != (n_recent, n_topk)
+
+
+def protection_within_budget(
+    attention: torch.Tensor, n_recent: int, n_topk: int, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, T] bool protected, [N] long top-k kept): the last `n_recent` tokens and, per row, the
+    largest number k <= `n_topk` of the highest-`attention` others such that protected tokens plus
+    the unprotected runs between them fit in `slots` (so exactly `slots` remain reachable by merging).
+
+    Protected tokens plus runs never decrease as k grows, so a binary search over k (vectorised over
+    rows, log2(n_topk) steps) finds each row's largest feasible k. Requires n_recent <= slots - 1.
+    """
+    rows, length = attention.shape
+    head = length - n_recent  # tokens before the recent window: candidates for the top-k
+    rank = torch.full((rows, head), n_topk, dtype=torch.long, device=attention.device)
+    if n_topk:
+        order = top_indices(attention[:, :head].float(), n_topk)  # best first
+        rank.scatter_(1, order, torch.arange(n_topk, device=attention.device).expand(rows, -1))
+
+    def need(k: torch.Tensor) -> torch.Tensor:  # protected tokens + unprotected runs, per row
+        kept = rank < k.unsqueeze(1)
+        free = ~kept
+        starts = free & torch.cat([torch.ones_like(free[:, :1]), kept[:, :-1]], dim=1)
+        return n_recent + kept.sum(1) + starts.sum(1)
+
+    low = torch.zeros(rows, dtype=torch.long, device=attention.device)
+    high = torch.full_like(low, n_topk)
+    while bool((low < high).any()):
+        middle = (low + high + 1) // 2
+        fits = need(middle) <= slots
+        low = torch.where(fits, middle, low)
+        high = torch.where(fits, high, middle - 1)
+    protected = torch.ones_like(attention, dtype=torch.bool)
+    protected[:, :head] = rank < low.unsqueeze(1)
+    return protected, low
 
 
 def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> torch.Tensor:
