@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from kvmerger.engine.reconstruction import Reconstruction
 
 SCORE_SOURCES = ("aggregated", "window", "reconstruction", "expected")
+STATISTICS = ("exact", "estimated")  # how the aggregated attention is computed
+ESTIMATE_STRIDE = 16  # every 16th query row for the far part of the estimate (benchmarks/statistic_agreement.py)
+ESTIMATE_BAND = 64  # the nearest 64 queries of each key, exactly
+ESTIMATE_LAST = 64  # and the last 64 queries of the prompt, exactly
 POOLINGS = ("avg", "max")
 # Defaults of the sources, as their papers and reference code set them
 WINDOW = 32  # SnapKV's observation window
@@ -126,6 +130,83 @@ def aggregated_attention_from_lse(
     return per_query_head.view(batch, -1, group, length).mean(dim=2)
 
 
+def near_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int) -> torch.Tensor:
+    """Attention each key receives from the `band` queries nearest after it (itself included), exactly.
+
+    Column j sums P[i, j] = exp(s q_i.k_j - lse_i) over j <= i < j + band, with the prefill's own
+    log-normalisers `lse` [B, Hq, T]. The sequence is cut into blocks of `band` rows; each block's
+    queries meet its own keys and the previous block's, [B, Hq, T / band, band, 2 band] in all.
+    Returns [B, Hkv, T] float32, averaged over the query heads of each KV head.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    blocks = math.ceil(length / band)
+    pad = blocks * band - length
+    queries = F.pad(query.float() * scaling, (0, 0, 0, pad)).view(batch, kv_heads, group, blocks, band, dim)
+    keys = F.pad(key.float(), (0, 0, band, pad)).unfold(2, 2 * band, band)  # [B, Hkv, nb, d, 2 band]
+    logits = torch.matmul(queries, keys.unsqueeze(2))  # [B, Hkv, g, nb, band, 2 band]
+    normalisers = F.pad(lse.float(), (0, pad), value=math.inf).view(batch, kv_heads, group, blocks, band, 1)
+    row = torch.arange(band, device=key.device).unsqueeze(1)
+    column = torch.arange(2 * band, device=key.device).unsqueeze(0)
+    near = (column > row) & (column <= row + band)  # key index - query index in (-band, 0]
+    received = (logits - normalisers).exp().masked_fill(~near, 0.0).sum(dim=(2, 4))  # [B, Hkv, nb, 2 band]
+    total = key.new_zeros(batch, kv_heads, blocks + 1, band, dtype=torch.float32)
+    total[:, :, :blocks] += received[..., :band]  # the previous block's keys
+    total[:, :, 1:] += received[..., band:]  # the block's own keys
+    return total.flatten(2)[..., band : band + length] / group
+
+
+def far_attention_sample(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int, stride: int, last: int,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Estimated attention each key receives from the queries `band` or more positions after it.
+
+    Rows: every `stride`-th query (offset stride - 1) before the last `last`, weighted by `stride`, and
+    the last `last` queries exactly (weight 1): unbiased over the sampling offset, exact with stride 1.
+    Costs about (T / stride + last) x T / 2 logits per head. Returns [B, Hkv, T] float32.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    tail = max(0, length - last)
+    rows = torch.cat([torch.arange(stride - 1, tail, stride), torch.arange(tail, length)]).to(key.device)
+    weights = torch.where(rows < tail, float(stride), 1.0)
+    grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
+    normalisers = lse.float().view(batch, kv_heads, group, length)
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, T]
+    total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=key.device)
+    positions = torch.arange(length, device=key.device)
+    for start in range(0, rows.numel(), chunk):
+        picked = rows[start : start + chunk]
+        reach = int(picked.max()) - band + 1  # keys at or before the last row's reach
+        if reach <= 0:
+            continue
+        logits = torch.matmul(grouped[:, :, :, picked], keys_t[..., :reach])  # [B, Hkv, g, c, reach]
+        far = positions[:reach].unsqueeze(0) <= (picked - band).unsqueeze(1)  # [c, reach]
+        probabilities = (logits - normalisers[:, :, :, picked].unsqueeze(-1)).exp().masked_fill(~far, 0.0)
+        row_weights = weights[start : start + chunk].expand(group, -1).reshape(1, 1, 1, -1)
+        summed = torch.matmul(row_weights, probabilities.reshape(batch, kv_heads, -1, reach)).squeeze(2)
+        total[..., :reach] += summed
+    return total / group
+
+
+def aggregated_attention_estimated(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, *, stride: int,
+    band: int = 64, last: int = 64, chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """An estimate of H2O's score in O((band + T / stride) T) work instead of O(T^2): [B, Hkv, T].
+
+    Most of a key's attention comes from the queries just after it (local attention), and that part
+    is computed exactly for every query with the prefill's log-normalisers (`near_attention`); what
+    queries further on give is smaller per query and smoother, and is estimated from every
+    `stride`-th query plus the last `last` ones (`far_attention_sample`). With stride 1 it is exact.
+    """
+    near = near_attention(query, key, scaling, lse, band)
+    return near + far_attention_sample(query, key, scaling, lse, band, stride, last, chunk)
+
+
 def window_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
@@ -187,6 +268,15 @@ def pooled_window_attention(
 RotaryTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """positions [n] -> (cos, sin), each [n, d] float32, as the model's rotary embedding gives them for
 this layer (attention scaling included), in transformers' rotate-half layout."""
+
+
+def percentile_rank(scores: torch.Tensor) -> torch.Tensor:
+    """[..., T] -> [..., T] float32 in (0, 1]: each entry's rank within its row over T (the highest
+    is 1; ties in order, the later entry ranking higher, as `top_indices` breaks them)."""
+    length = scores.shape[-1]
+    order = torch.sort(scores.float(), dim=-1, stable=True).indices  # ascending; among ties the later token last
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, length + 1, device=scores.device).expand_as(order))
+    return ranks.float() / length
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -369,8 +459,23 @@ class LayerScores:
             self.seconds += time.perf_counter() - start
         return self._memo[name]
 
-    def aggregated_attention(self) -> torch.Tensor:
-        """[B, Hkv, T]: attention each key received, summed over all prompt queries."""
+    def aggregated_attention(self, statistic: str = "exact", stride: int = ESTIMATE_STRIDE) -> torch.Tensor:
+        """[B, Hkv, T]: attention each key received, summed over all prompt queries.
+
+        `statistic="exact"`: every query (the fused or the chunked pass); `"estimated"`:
+        `aggregated_attention_estimated` with `stride`, which needs the prefill's log-normalisers and
+        falls back to the exact pass where the engine could not keep them (not on CPU, masked prefills).
+        """
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        if statistic == "estimated" and self.lse is not None:
+            return self._memoised(
+                ("aggregated", "estimated", stride),
+                lambda: aggregated_attention_estimated(
+                    self.query, self.key, self.scaling, self.lse, stride=stride, band=ESTIMATE_BAND,
+                    last=ESTIMATE_LAST, chunk=self.chunk,
+                ),
+            )
         if self.uses_fused_path:
             compute = lambda: aggregated_attention_from_lse(self.query, self.key, self.lse, self.scaling)  # noqa: E731
         else:
@@ -437,10 +542,17 @@ class LayerScores:
             )
         return self.context.reconstruction
 
-    def source(self, name: str) -> torch.Tensor:
-        """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults."""
+    def source(self, name: str, statistic: str = "exact") -> torch.Tensor:
+        """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults
+        (`statistic`: how the aggregated attention is computed).
+
+        Sources joined by "+" ("aggregated+window") are combined by rank: each token's score is its
+        highest percentile rank (within its row) in any of them, so the top-k of the combination
+        holds what either source ranks high (the union of their top tokens)."""
+        if "+" in name:
+            return torch.stack([percentile_rank(self.source(part, statistic)) for part in name.split("+")]).amax(0)
         if name == "aggregated":
-            return self.aggregated_attention()
+            return self.aggregated_attention(statistic)
         if name == "window":
             return self.pooled_window_attention()
         if name == "reconstruction":

@@ -263,7 +263,7 @@ class CompressionSession(Session):
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
-            layer.hold = SlotMeta.after_compression(output, scores.aggregated_attention(), key.shape[-2])
+            layer.hold = SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2])
         if self._building is None:
             self._building = CompressionReport(method=self.method.describe())
         self._building.layers.append(layer_report)
@@ -476,7 +476,7 @@ def compress_prefill(
         compressed.append((output.keys, output.values, output.bias))
         report.layers.append(layer_report)
         if hold_budget:
-            metas.append(SlotMeta.after_compression(output, scores.aggregated_attention(), prefill.length))
+            metas.append(SlotMeta.after_compression(output, method.attention_received(scores), prefill.length))
     cache = CompressedCache.from_tensors(compressed, seen_tokens=prefill.length)
     for layer, meta in zip(cache.layers, metas):
         layer.hold = meta

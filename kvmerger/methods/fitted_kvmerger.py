@@ -111,6 +111,7 @@ class FittedKVMerger(CompressionMethod):
     seed: int = 0
     score: str = "aggregated"
     reference: str = "prompt"
+    statistic: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,20 +134,21 @@ class FittedKVMerger(CompressionMethod):
         """The KVMerger whose merging sets this method fits."""
         recent, topk = self.protection()
         return KVMerger(
-            budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score
+            budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score,
+            statistic=self.statistic,
         )
 
     def stores_bias(self) -> bool:
         return True
 
     def needs_reconstruction(self) -> bool:
-        return self.score == "reconstruction" or self.reference == "reconstruction"
+        return "reconstruction" in self.score.split("+") or self.reference == "reconstruction"
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.source(self.score).flatten(0, 1)
+        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
         merger = self.merger()
         sets = merger.identify(keys, attention, layer.slots)
         slots = int(sets.count.max())

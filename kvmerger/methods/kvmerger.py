@@ -70,6 +70,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     check_score_source,
+    check_statistic,
     finite_as,
     row_scale,
     top_indices,
@@ -124,10 +125,12 @@ class KVMerger(CompressionMethod):
     score: str = "aggregated"
     recent_share: float | None = None
     topk_share: float | None = None
+    statistic: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
+        check_statistic(self.statistic)
         if self.size_bias and self.scale_values_by_set_size:
             raise ValueError(
                 "size_bias already gives a merged slot the weight of its |S| tokens in the softmax; "
@@ -161,7 +164,7 @@ class KVMerger(CompressionMethod):
         return self.mode == "exact"
 
     def needs_reconstruction(self) -> bool:
-        return self.score == "reconstruction"
+        return "reconstruction" in self.score.split("+")
 
     def stores_bias(self) -> bool:
         return self.size_bias
@@ -262,7 +265,7 @@ class KVMerger(CompressionMethod):
         batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.source(self.score).flatten(0, 1)
+        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
         sets = self.identify(keys, attention, layer.slots)
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size
