@@ -171,7 +171,7 @@ def far_attention_sample(
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     tail = max(0, length - last)
-    rows = torch.cat([torch.arange(stride - 1, tail, stride), torch.arange(tail, length)]).to(key.device)
+    rows = torch.cat([torch.arange(stride - 1, max(tail, stride - 1), stride), torch.arange(tail, length)]).to(key.device)
     weights = torch.where(rows < tail, float(stride), 1.0)
     grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
     normalisers = lse.float().view(batch, kv_heads, group, length)

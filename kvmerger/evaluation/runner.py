@@ -97,8 +97,11 @@ class TaskPlan:
     task: Task | LanguageModeling
     lengths: tuple[int, ...]
     samples: int
+    protocols: tuple[str, ...] | None = None  # None: the run's protocols
 
     def __post_init__(self) -> None:
+        if self.protocols is not None and (not self.protocols or any(p not in PROTOCOLS for p in self.protocols)):
+            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
         self.lengths = tuple(int(length) for length in self.lengths)
         if not self.lengths or min(self.lengths) < 2:
             raise ValueError(f"context lengths must be at least 2 tokens; got {list(self.lengths)}")
@@ -106,7 +109,14 @@ class TaskPlan:
             raise ValueError(f"the number of samples must be at least 1; got {self.samples}")
 
     @classmethod
-    def parse(cls, text: str, lengths: Iterable[int], samples: int, shared: dict[str, Any] | None = None) -> TaskPlan:
+    def parse(
+        cls,
+        text: str,
+        lengths: Iterable[int],
+        samples: int,
+        shared: dict[str, Any] | None = None,
+        protocols: tuple[str, ...] | None = None,
+    ) -> TaskPlan:
         """From a spec "name:param=value,..."; `shared` parameters go to the tasks that have them."""
         from kvmerger.evaluation.tasks import TASKS
 
@@ -114,7 +124,7 @@ class TaskPlan:
         if name in TASKS:
             known = {f.name for f in fields(TASKS[name])}
             params = {**{k: v for k, v in (shared or {}).items() if k in known}, **params}
-        return cls(get_task(name, **params), tuple(lengths), samples)
+        return cls(get_task(name, **params), tuple(lengths), samples, protocols)
 
     @property
     def label(self) -> str:
@@ -184,7 +194,10 @@ class RunSettings:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tasks": [{"task": plan.task.describe(), "lengths": plan.lengths, "samples": plan.samples} for plan in self.plans],
+            "tasks": [
+                {"task": plan.task.describe(), "lengths": plan.lengths, "samples": plan.samples, "protocols": plan.protocols}
+                for plan in self.plans
+            ],
             "methods": [{"method": spec.name, "params": spec.params} for spec in self.methods],
             "budgets": self.budgets,
             "protocols": self.protocols,
@@ -287,7 +300,10 @@ class Runner:
         labels = [method_label(method) for method in variants]
         groups, total = [], 0
         for plan in self.settings.plans:
-            protocols = [TEACHER_FORCED] if plan.is_language_modeling else self.settings.protocols
+            if plan.is_language_modeling:
+                protocols = [TEACHER_FORCED]
+            else:
+                protocols = list(plan.protocols) if plan.protocols is not None else self.settings.protocols
             task_info, label = plan.task.describe(), plan.label
             for length in plan.lengths:
                 samples = plan.task.samples(self.tokenizer, length, plan.samples, self.settings.seed)
