@@ -4,7 +4,8 @@ Every method in `kvmerger.METHODS` (new ones included automatically), in every m
 `VARIANTS`, goes through the engine's shared path (`compress_layer`: the non-finite check, the
 method, the slot-count check) on random layers: lengths 1-300, budgets from one slot to all slots,
 float32 / bfloat16 / float16, key and value scales 1e-6 to 1e4, random-walk, random, identical and
-zero keys, and query states from which the method's attention statistics are computed. Asserted:
+zero keys, zero values now and then, and query states from which the method's attention statistics
+are computed. Asserted:
 
 * finite input: exactly `target_slots` slots for methods that keep the budget, finite keys, values
   and biases (only padding slots may carry a -inf bias), positions that are prompt indices in
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvmerger import METHODS, NonFiniteCacheError
@@ -36,7 +37,7 @@ VARIANTS: dict[str, list[dict]] = {
 FIXED_BUDGET = {"full": 1.0}  # the full cache accepts no other budget
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KEY_PATTERNS = ["walk", "random", "identical", "zero"]
-EXAMPLES = {"finite": 40, "non_finite": 15}  # per method; see the module docstring for the total
+EXAMPLES = {"finite": 250, "non_finite": 50}  # per method; see the module docstring for the total
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 LAYERS = 4
 
@@ -53,7 +54,7 @@ def one_thread():
 @st.composite
 def layers(draw, name: str):
     """(method, keys, values, query, layer index): one random layer for method `name`."""
-    length = draw(st.integers(1, 300))
+    length = draw(st.one_of(st.integers(1, 3), st.integers(4, 32), st.integers(33, 300)))
     budget = FIXED_BUDGET.get(name) or draw(
         st.one_of(st.sampled_from([1e-6, 1.0, 1.0 / length, 1.0 - 1e-6]), st.floats(0.01, 1.0))
     )
@@ -65,8 +66,13 @@ def layers(draw, name: str):
     keys = key_pattern(draw(st.sampled_from(KEY_PATTERNS)), shape, generator)
     keys = keys * 10.0 ** draw(st.floats(-6, 4))
     values = unit_scale(torch.randn(shape, generator=generator)) * 10.0 ** draw(st.floats(-6, 4))
-    query = torch.randn(batch, kv_heads * group, length, dim, generator=generator) * draw(st.sampled_from([0.1, 2.0, 20.0]))
+    if draw(st.integers(0, 9)) == 0:
+        values = torch.zeros(shape)
+    query = torch.randn(batch, kv_heads * group, length, dim, generator=generator)
+    query = query * draw(st.sampled_from([0.1, 2.0, 20.0]))
     layer_idx = draw(st.integers(0, LAYERS - 1))
+    event(f"T {'1-3' if length <= 3 else '4-32' if length <= 32 else '33-300'}")
+    event(str(dtype).removeprefix("torch."))
     return method, keys.to(dtype), values.to(dtype), query.to(dtype), layer_idx
 
 
