@@ -6,7 +6,9 @@ in one run: that check over every layer of a recorded prefill, the obvious alter
 `torch.isfinite(x).all()` over the same tensors, each method compressing that prefill with fresh
 attention statistics (`compress_prefill`, which runs the check too, outside its timed part), and
 the prefill itself, interleaved per repeat. Reported: medians over repeats of per-repeat ratios
-check / (scoring + method) and check / prefill, for both checks.
+check / (scoring + method) and check / prefill, for both checks. Then, while generating with the
+budget held (`--decode-method`, H2O by default), the share of a decode step that the check of the
+newest token's states in every layer takes.
 
     python benchmarks/finite_check.py                    # 2048 tokens, float32, kvmerger h2o streaming-llm
     python benchmarks/finite_check.py --lengths 2048 8192 --dtypes float32 bfloat16
@@ -49,12 +51,12 @@ def time_isfinite_all(prefill) -> float:
 
 
 @torch.no_grad()
-def measure_decode(model, ids, method, repeats: int, tokens: int = 32) -> dict:
+def measure_decode(model, ids, method, repeats: int, tokens: int = 8) -> dict:
     """Share of a decode step, holding the budget, spent checking the newest token's states in every layer."""
     steps, checks = [], []
     for _ in range(repeats):
         with compress(model, method, hold_budget=True):
-            out = model(ids)
+            out = model(ids, logits_to_keep=1)
             cache = out.cache
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--methods", nargs="+", default=["kvmerger", "h2o", "streaming-llm"])
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--decode-method", default="h2o", help="method holding the budget while decoding")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "finite_check.json")
     args = parser.parse_args(argv)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = [get_method(name, budget=args.budget) for name in args.methods]
     info = machine()
     print(f"# {describe_machine(info)}; medians of {args.repeats}")
-    estimate = sum(args.repeats * PREFILL_SECONDS_2K * (n / 2048) ** 1.3 * 2 for n in args.lengths) * len(args.dtypes)
+    estimate = sum(args.repeats * PREFILL_SECONDS_2K * (n / 2048) ** 1.3 * 3 for n in args.lengths) * len(args.dtypes)
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)}")
     rows = []
     for dtype in args.dtypes:
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{row['isfinite_over_compress']:.4f}  isfinite().all()/check {row['isfinite_over_check']:.2f}",
                     flush=True,
                 )
-            decode = measure_decode(model, essay_ids(tokenizer, length), methods[0], args.repeats)
+            decode_method = get_method(args.decode_method, budget=args.budget)
+            decode = measure_decode(model, essay_ids(tokenizer, length), decode_method, args.repeats)
             rows.append({"dtype": dtype, "length": length, "phase": "decode, holding the budget", **decode})
             print(f"{dtype:<9} {length:>6} {decode['method']:<18} decode holding the budget: check/step "
                   f"{decode['check_over_decode_step']:.4f}", flush=True)
