@@ -243,7 +243,7 @@ def test_a_bool_is_not_a_budget(name, budget):
 
 def live_tensors() -> int:
     gc.collect()
-    return sum(1 for item in gc.get_objects() if isinstance(item, torch.Tensor))
+    return sum(1 for item in gc.get_objects() if issubclass(type(item), torch.Tensor))  # type(): no proxies
 
 
 def test_ten_prompts_leave_the_model_exactly_as_it_was(tiny_llama):
@@ -254,7 +254,7 @@ def test_ten_prompts_leave_the_model_exactly_as_it_was(tiny_llama):
     names = sorted(set(METHODS) - {"full"})
     with torch.no_grad():
         before = tiny_llama(probe).logits
-        counts = []
+        counts = {}
         for index, ids in enumerate(prompts):
             method = METHODS[names[index % len(names)]](budget=0.35)
             with compress(tiny_llama, method, hold_budget=index % 2 == 0) as session:
@@ -262,7 +262,8 @@ def test_ten_prompts_leave_the_model_exactly_as_it_was(tiny_llama):
             assert out.shape[1] == ids.shape[1] + 5 and session.report.tokens == ids.shape[1]
             assert_restored(tiny_llama)
             del out, session
-            counts.append(live_tensors())
+            if index in (1, 9):  # after the first warm-up prompts, and at the end (both without holding)
+                counts[index] = live_tensors()
         after = tiny_llama(probe).logits
     assert torch.equal(before, after)
-    assert counts[-1] <= counts[1], f"live tensors grew from {counts[1]} to {counts[-1]} over 8 prompts"
+    assert counts[9] <= counts[1], f"live tensors grew from {counts[1]} to {counts[9]} over 8 prompts"
