@@ -65,8 +65,9 @@ def measure_decode(model, ids, method, repeats: int, tokens: int = 8) -> dict:
                 token = out.logits[:, -1:].argmax(-1)
             steps.append((time.perf_counter() - start) / tokens)
         query_shape = (1, model.config.num_attention_heads, 1, cache.layers[0].keys.shape[-1])
+        query = torch.randn(query_shape)
         newest = [
-            {"keys": layer.keys[..., -1:, :], "values": layer.values[..., -1:, :], "query states": torch.randn(query_shape)}
+            {"keys": layer.keys[..., -1:, :], "values": layer.values[..., -1:, :], "query states": query}
             for layer in cache.layers
         ]
         start = time.perf_counter()
@@ -74,7 +75,11 @@ def measure_decode(model, ids, method, repeats: int, tokens: int = 8) -> dict:
             for index, tensors in enumerate(newest):
                 check_finite(index, tensors, "the newest tokens'")
         checks.append((time.perf_counter() - start) / tokens)
-    return {"method": method.label(), "decode_step_ms": median(steps) * 1e3, "check_over_decode_step": median_ratio(checks, steps)}
+    return {
+        "method": method.label(),
+        "decode_step_ms": median(steps) * 1e3,
+        "check_over_decode_step": median_ratio(checks, steps),
+    }
 
 
 def measure(model, ids, methods, repeats: int) -> list[dict]:
