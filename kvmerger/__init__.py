@@ -11,6 +11,7 @@
 from kvmerger.engine import (
     CompressedCache,
     CompressionReport,
+    NonFiniteCacheError,
     UnsupportedModelError,
     attach,
     compress,
@@ -29,6 +30,7 @@ __all__ = [
     "CompressionReport",
     "FullCache",
     "KVMerger",
+    "NonFiniteCacheError",
     "UnsupportedModelError",
     "attach",
     "compress",

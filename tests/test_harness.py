@@ -1,13 +1,19 @@
 """The evaluation runner on a tiny random model with a byte tokenizer: one prefill per sample and
-protocol, resume after an interruption without redoing or losing cells, a crash's truncated last
-line, provenance in every record, and the summary CSV and report computed from the records."""
+protocol, resume after an interruption (in process, and `kvmerger eval` killed with SIGKILL) without
+redoing or losing cells, a crash's truncated last line, provenance in every record, and the summary CSV
+and report computed from the records."""
 
 from __future__ import annotations
 
 import csv
 import datetime
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,8 @@ from kvmerger.evaluation.report import write_outputs
 from kvmerger.evaluation.runner import MethodSpec, Runner, RunSettings, TaskPlan, method_label
 from kvmerger.evaluation.tasks import get_task
 from tests.conftest import build_tiny
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 class ByteTokenizer:
@@ -190,6 +198,62 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_cells(tiny, tmp_pa
 
     again = run(tiny, tmp_path)
     assert again.ran == 0 and again.skipped == CELLS
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny random Llama and a byte-level tokenizer, saved as a model folder `--model` accepts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    model = build_tiny("llama", vocab_size=len(vocab))
+    model.config.eos_token_id = model.generation_config.eos_token_id = vocab["<eos>"]
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_eval_killed_with_sigkill_resumes_without_losing_or_repeating_a_cell(tmp_path, capsys):
+    """A real `kvmerger eval` process, killed (SIGKILL: no handler runs) once a few cells are written."""
+    import kvmerger.cli.main as cli_main
+
+    samples, variants = 4, 5  # full, then kvmerger and streaming-llm at 2 budgets
+    out = tmp_path / "out"
+    argv = [
+        "eval", "--model", str(save_tiny_model(tmp_path / "model")), "--tasks", "lm:continuation=8",
+        "--methods", "full", "kvmerger", "streaming-llm", "--budgets", "0.5", "0.35", "--lengths", "160",
+        "--samples", str(samples), "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmerger.cli.main", *argv], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    records = out / "records.jsonl"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if records.is_file() and records.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    written = records.read_text()
+    finished = written[: written.rfind("\n") + 1].splitlines()  # a torn last line is the runner's to set aside
+    assert 3 <= len(finished) < samples * variants
+
+    assert cli_main.main(argv) == 0
+    assert f"{len(finished)} of {samples * variants} cells were already done" in capsys.readouterr().err
+    after = records.read_text().splitlines()
+    assert after[: len(finished)] == finished  # the cells finished before the kill, kept as they were
+    keys = [json.loads(line)["key"] for line in after]
+    assert len(keys) == len(set(keys)) == samples * variants
 
 
 def test_a_truncated_last_line_is_set_aside_and_its_cell_run_again(tiny, tmp_path, finished):

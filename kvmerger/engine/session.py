@@ -17,12 +17,15 @@ that layer's attention) -> method -> smaller cache -> decoding.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
 
 import torch
 
+from kvmerger.engine.finite import check_finite
 from kvmerger.engine.hf import (
     CompressedCache,
     CompressedLayer,
@@ -156,14 +159,23 @@ class Session:
             layer.prefill_pending = False
             self.on_prefill(layer, module.layer_idx, PrefillAttention(query, key, value, scaling, lse))
         elif layer.hold is not None and self.hold_method is not None:
-            self._hold_budget(layer, module.layer_idx, query, key, scaling)
+            self._hold_budget(layer, module.layer_idx, query, key, value, scaling)
 
     def _hold_budget(
-        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float
+        self,
+        layer: CompressedLayer,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
     ) -> None:
         """Account the new queries' attention, then shrink the layer back to its budget if it grew."""
+        new = query.shape[2]
+        newest = {"keys": key[..., -new:, :], "values": value[..., -new:, :], "query states": query}
+        check_finite(layer_idx, newest, "the newest tokens'", first_token=layer.seen_tokens - new)
         start = time.perf_counter()
-        meta = layer.hold.appended(query.shape[2], layer.seen_tokens)
+        meta = layer.hold.appended(new, layer.seen_tokens)
         summed, last = new_query_attention(query, key, scaling, layer.slot_bias)
         meta.accumulated = meta.accumulated + summed
         meta.last_attention = last
@@ -247,6 +259,12 @@ class CompressionSession(Session):
         self._input_ids = input_ids
         self._context = ScoreContext(rotary=self._rotary)
         self._deferred = []
+        if self.hold_method is not None and query_length == 1 and cache is not None and cache.get_seq_length() == 0:
+            warnings.warn(
+                "kvmerger: this prompt has one token: nothing to compress and no budget to hold, so its cache "
+                "grows with every generated token; give a prompt of at least two tokens to hold the budget",
+                UserWarning,
+            )
 
     def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
         if self.defers:
@@ -317,6 +335,9 @@ def compress_layer(
     layer_idx: int,
     num_layers: int,
 ) -> tuple[LayerOutput, LayerReport]:
+    """Compress one layer's prompt cache with `method` and report it. Non-finite keys, values or
+    query states raise `NonFiniteCacheError` before the method runs (engine/finite.py)."""
+    check_finite(layer_idx, {"keys": keys, "values": values, "query states": scores.query})
     length = keys.shape[-2]
     slot_bytes = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
     layer = LayerInput(keys, values, scores, layer_idx, num_layers, slots=method.target_slots(length, slot_bytes))
@@ -373,7 +394,41 @@ def _set_size_histogram(set_sizes: torch.Tensor | None) -> dict[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
+SessionT = TypeVar("SessionT", bound=Session)
+
+
+class SessionBlock(AbstractContextManager[SessionT]):
+    """The block `compress(...)` and `attach(...)` return: entering it routes the model through
+    `session`, leaving it (whatever happened inside) restores the model's attention and hooks.
+
+    The same block may be entered again once it has exited: the same session goes on, and
+    `session.reports` keeps every compression. Entering it while it is active is refused.
+    """
+
+    def __init__(self, model: torch.nn.Module, session: SessionT, call: str) -> None:
+        self.model = model
+        self.session = session
+        self._call = call
+        self._installed: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> SessionT:
+        if self._installed is not None:
+            raise RuntimeError(
+                f"this {self._call}(...) block is already active; a block cannot be entered inside itself "
+                f"(call {self._call}(model, ...) again for a second one)"
+            )
+        installed = install_session(self.model, self.session)
+        installed.__enter__()
+        self._installed = installed
+        return self.session
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool | None:
+        installed, self._installed = self._installed, None
+        return installed.__exit__(kind, error, trace)
+
+
 def compress(
     model: torch.nn.Module,
     method: CompressionMethod,
@@ -381,36 +436,36 @@ def compress(
     chunk_size: int = DEFAULT_CHUNK,
     hold_budget: bool = False,
     tokenizer=None,
-) -> Iterator[CompressionSession]:
+) -> SessionBlock[CompressionSession]:
     """Compress the KV cache of every prompt `model` prefills inside the block.
 
     With `hold_budget=True` every layer also stays at its budget while tokens are generated: each
     new token is appended, and whenever a layer holds more slots than its budget the method's
-    `hold_budget` rule shrinks it back (H2O's eviction by default). `tokenizer`: the model's, for
-    methods scored by reconstructing the prompt (KVzip's score; loaded from the model's folder when
-    not given).
+    `hold_budget` rule shrinks it back (H2O's eviction by default). A one-token prompt has nothing
+    to compress and no budget to hold: it is left as it is, with a `UserWarning` when holding.
+    `tokenizer`: the model's, for methods scored by reconstructing the prompt (KVzip's score; loaded
+    from the model's folder when not given).
+
+    A prompt whose keys, values or query states hold NaN or inf in some layer (an overflowing
+    float16 model, a corrupted checkpoint) raises `NonFiniteCacheError` naming the layer; the model
+    is restored as always when the block exits.
 
     >>> with compress(model, KVMerger(budget=0.5)) as session:
     ...     out = model.generate(input_ids, max_new_tokens=32)
     >>> print(session.report.summary())
     """
     check_supported(model)
-    session = CompressionSession(model, method, chunk_size, hold_budget, tokenizer)
-    with install_session(model, session):
-        yield session
+    return SessionBlock(model, CompressionSession(model, method, chunk_size, hold_budget, tokenizer), "compress")
 
 
-@contextmanager
-def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> Iterator[Session]:
+def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> SessionBlock[Session]:
     """Run `model` with kvmerger's attention (per-slot biases) and caches, compressing nothing.
 
     `hold`: the method whose `hold_budget` rule keeps layers compressed by
     `compress_prefill(..., hold_budget=True)` at their budget during generation.
     """
     check_supported(model)
-    session = Session(model, hold_method=hold)
-    with install_session(model, session):
-        yield session
+    return SessionBlock(model, Session(model, hold_method=hold), "attach")
 
 
 @dataclass

@@ -146,8 +146,11 @@ class CompressionMethod(ABC):
             METHODS[cls.name] = cls
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) <= 1.0:
-            raise ValueError(f"budget must be in (0, 1] (the share of the prompt's cache kept), got {self.budget!r}")
+        number = isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool)  # True is not 1.0
+        if not number or not 0.0 < float(self.budget) <= 1.0:
+            raise ValueError(
+                f"budget must be in (0, 1] (the share of the prompt's cache kept, a number), got {self.budget!r}"
+            )
 
     def target_slots(self, length: int, slot_bytes: int = 0) -> int:
         """Slots per KV head for a prompt of `length` tokens.

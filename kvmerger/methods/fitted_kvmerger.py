@@ -112,9 +112,14 @@ class FittedKVMerger(CompressionMethod):
     score: str = "aggregated"
     reference: str = "prompt"
     statistic: str = "exact"
+    recent_share: float | None = None
+    topk_share: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for kind in ("recent", "topk"):
+            if getattr(self, f"{kind}_ratio") is not None and getattr(self, f"{kind}_share") is not None:
+                raise ValueError(f"give {kind}_ratio (a share of the prompt) or {kind}_share (of the budget), not both")
         self.merger()  # validates KVMerger's knobs
         validate_fit_fields(self)
         check_reference(self.reference)
@@ -124,10 +129,13 @@ class FittedKVMerger(CompressionMethod):
             raise ValueError(f"bias_range must be in (0, 80] (weights within e^range of |S|), got {self.bias_range!r}")
 
     def protection(self) -> tuple[float, float]:
-        """(recent_ratio, topk_ratio): the fields, or by default half and a fifth of the budget."""
+        """(recent_ratio, topk_ratio) as shares of the prompt: the ratio fields, else the share fields
+        times the budget (by default half and a fifth of the budget)."""
+        recent_share = RECENT_SHARE if self.recent_share is None else self.recent_share
+        topk_share = TOPK_SHARE if self.topk_share is None else self.topk_share
         return (
-            self.budget * RECENT_SHARE if self.recent_ratio is None else self.recent_ratio,
-            self.budget * TOPK_SHARE if self.topk_ratio is None else self.topk_ratio,
+            self.budget * recent_share if self.recent_ratio is None else self.recent_ratio,
+            self.budget * topk_share if self.topk_ratio is None else self.topk_ratio,
         )
 
     def merger(self) -> KVMerger:

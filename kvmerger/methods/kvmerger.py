@@ -276,7 +276,6 @@ class KVMerger(CompressionMethod):
         if padded or self.size_bias:
             bias = sizes.float().log() if self.size_bias else torch.zeros(rows, slots, device=keys.device)
             bias = bias.masked_fill(sizes == 0, float("-inf")).reshape(batch, heads, slots)
-        chosen = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
         return LayerOutput(
             keys=merged_keys.reshape(batch, heads, slots, dim),
             values=merged_values.reshape(batch, heads, slots, -1),
@@ -295,7 +294,7 @@ class KVMerger(CompressionMethod):
                 "topk_kept_mean": float(sets.topk_kept.float().mean()),
                 "protection_shrunk": sets.protection_shrunk,
                 "real_slots_mean": float(sets.count.float().mean()),
-                "weakest_merged_similarity": float(chosen[chosen.isfinite()].mean()) if chosen.isfinite().any() else None,
+                "weakest_merged_similarity": _weakest_merged_similarity(sets),
             },
         )
 
@@ -303,6 +302,14 @@ class KVMerger(CompressionMethod):
 # --------------------------------------------------------------------------------------------
 # The steps, vectorised over rows (no loop over tokens or heads)
 # --------------------------------------------------------------------------------------------
+
+
+def _weakest_merged_similarity(sets: MergingSets) -> float | None:
+    """The least similarity among each row's merged pairs, averaged over rows that merged (None: none did)."""
+    if not bool(sets.merged_pairs.any()):  # also a one-token row, which has no pairs
+        return None
+    weakest = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
+    return float(weakest[weakest.isfinite()].mean())
 
 
 def _floor_count(ratio: float, length: int) -> int:
@@ -382,7 +389,8 @@ def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: 
 def segment_ids(merged_pairs: torch.Tensor) -> torch.Tensor:
     """[N, T] long: runs joined by merged pairs get one id, counting up along the sequence."""
     starts = torch.cumsum((~merged_pairs).long(), dim=-1)
-    return torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=-1)
+    first = starts.new_zeros(starts.shape[0], 1)  # not starts[:, :1]: a one-token row has no pairs
+    return torch.cat([first, starts], dim=-1)
 
 
 def gaussian_merge(
