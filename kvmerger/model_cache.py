@@ -59,6 +59,7 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     index = _read_json(index_path)  # another process may have added entries meanwhile
+    index = {path: entry for path, entry in index.items() if os.path.exists(path)}  # files since removed
     index[resolved] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     _write_json_if_possible(index_path, index)  # only saves time later; a read-only cache still works
     return digest.hexdigest()
