@@ -84,7 +84,8 @@ def test_the_prompt_is_fed_once(tiny):
 
 def test_a_question_after_the_context_under_both_protocols(tiny, capsys):
     gguf, model, tokenizer = tiny
-    base = ["generate", "--model", str(gguf), "--prompt", CONTEXT * 4, "--question", "who came home?", "--max-new-tokens", "8"]
+    base = ["generate", "--model", str(gguf), "--prompt", CONTEXT * 4, "--question", "who came home?"]
+    base += ["--max-new-tokens", "8"]
     aware, _ = run([*base, "--method", "full"], capsys)
     agnostic, _ = run([*base, "--method", "full", "--protocol", "query-agnostic"], capsys)
     context, question = build_prompt(tokenizer, CONTEXT * 4, "who came home?", chat=True)

@@ -39,7 +39,12 @@ def test_two_clones_share_one_converted_model(cache, two_clones, monkeypatch):
     first, second = two_clones
     conversions = []
     real_convert = kvmerger.models._convert
-    monkeypatch.setattr(kvmerger.models, "_convert", lambda gguf, target: conversions.append(gguf) or real_convert(gguf, target))
+
+    def counted(gguf, target):
+        conversions.append(gguf)
+        real_convert(gguf, target)
+
+    monkeypatch.setattr(kvmerger.models, "_convert", counted)
 
     model_a, tokenizer_a = load_model(first)
     model_b, _ = load_model(second)

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "clear":
         removed = model_cache.clear(stale_only=args.stale)
         freed = sum(entry.bytes for entry in removed)
-        print(f"removed {len(removed)} folder{'s' if len(removed) != 1 else ''} ({mib(freed)}) from {model_cache.models_dir()}")
+        folders = f"{len(removed)} folder{'s' if len(removed) != 1 else ''}"
+        print(f"removed {folders} ({mib(freed)}) from {model_cache.models_dir()}")
         return 0
     found = model_cache.entries()
     print(f"kvmerger's model cache: {model_cache.models_dir()}")

@@ -247,7 +247,8 @@ def answer(
         )
     eos = _eos_ids(model, tokenizer)
     with torch.no_grad(), compress(model, method) as session:
-        start = progress.stage(f"prefill and compression of {prefill_ids.shape[1]} tokens ({method.label()})") if progress else 0.0
+        stage = f"prefill and compression of {prefill_ids.shape[1]} tokens ({method.label()})"
+        start = progress.stage(stage) if progress else 0.0
         began = time.perf_counter()
         output = model(input_ids=prefill_ids, use_cache=True)
         seconds_prefill = time.perf_counter() - began
@@ -285,7 +286,12 @@ def _decode(model, output, prefill_ids, after_ids, max_new_tokens: int, eos: set
     budget = max_new_tokens - len(generated)
     streamer = progress.streamer(budget) if progress else None
     out = model.generate(
-        inputs, cache=output.cache, max_new_tokens=budget, do_sample=False, streamer=streamer, eos_token_id=sorted(eos) or None
+        inputs,
+        cache=output.cache,
+        max_new_tokens=budget,
+        do_sample=False,
+        streamer=streamer,
+        eos_token_id=sorted(eos) or None,
     )
     new = out[0, inputs.shape[1] :].tolist()
     cut = next((i for i, token in enumerate(new) if token in eos), len(new))
@@ -309,6 +315,7 @@ def describe(result: Answer, label: str, protocol: str, chat: bool) -> str:
         lines.append(f"cache after prefill: {result.report.summary()}")
     lines.append(
         f"time: prefill and compression {result.seconds_prefill:.1f} s (scoring and compressing "
-        f"{result.seconds_compressing * 1e3:.0f} ms of it), decoding {result.new_tokens} tokens {result.seconds_decoding:.1f} s"
+        f"{result.seconds_compressing * 1e3:.0f} ms of it), "
+        f"decoding {result.new_tokens} tokens {result.seconds_decoding:.1f} s"
     )
     return "\n".join(lines)

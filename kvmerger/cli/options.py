@@ -65,7 +65,7 @@ def plain_name(text: str) -> str:
     """A folder name without any path in it (for --name)."""
     if not text or text in (".", "..") or any(sep in text for sep in ("/", "\\", os.sep)) or text.startswith("-"):
         raise argparse.ArgumentTypeError(
-            f"--name takes a plain folder name (no '/', '\\\\' or '..'), got {text!r}; use --out for a path"
+            f"a plain folder name is needed (no '/', '\\' or '..'), got {text!r}; use --out for a path"
         )
     return text
 
@@ -114,7 +114,9 @@ def check_device(text: str) -> None:
         return
     backend = getattr(torch, device.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise ValueError(f"--device {text}: this machine's torch ({torch.__version__}) has no {device.type} device; use --device cpu")
+        raise ValueError(
+            f"--device {text}: this machine's torch ({torch.__version__}) has no {device.type} device; use --device cpu"
+        )
     count = backend.device_count() if hasattr(backend, "device_count") else None
     if device.index is not None and count is not None and device.index >= count:
         raise ValueError(f"--device {text}: there are {count} {device.type} devices (0 to {count - 1})")
@@ -131,7 +133,9 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".kvmerger-write-test-", dir=existing))
     except OSError as error:
-        raise PermissionError(f"{option} {folder}: cannot write in {existing} ({error.strerror}); choose another folder") from None
+        raise PermissionError(
+            f"{option} {folder}: cannot write in {existing} ({error.strerror}); choose another folder"
+        ) from None
 
 
 def load(args: argparse.Namespace):

@@ -117,7 +117,8 @@ def score_figure(rows: list[Row], title: str) -> Figure:
     for index, ((label, points), offset) in enumerate(zip(lines.items(), offsets, strict=True)):
         axes.plot([p.budget + offset for p in points], [p.score for p in points], label=label, **_style(index, label))
     if full is not None:
-        axes.axhline(full.score, color="grey", linestyle="--", linewidth=1.0, zorder=1, label=f"full cache ({full.score:.2f})")
+        reference = f"full cache ({full.score:.2f})"
+        axes.axhline(full.score, color="grey", linestyle="--", linewidth=1.0, zorder=1, label=reference)
     axes.set_xlabel("budget (share of the prompt's cache kept); methods side by side at each budget")
     axes.set_ylabel(f"score ({rows[0].metric})" if rows and rows[0].metric != "score" else "score")
     axes.set_ylim(-0.05, 1.05)
@@ -152,18 +153,12 @@ def language_modeling_figure(rows: list[Row], title: str) -> Figure:
         kl_axes.plot(budgets, [p.kl for p in points], label=label, **style)
         perplexities = [p.perplexity for p in points]
         if label in clipped and top is not None:
-            values = ", ".join(f"{value:.1f}" for value in perplexities)
-            style = {**style, "marker": "^", "linestyle": "none"}
-            ppl_axes.plot(budgets, [top] * len(points), label=f"{label} (off the scale: {values})", clip_on=False, **style)
-            for budget, value in zip(budgets, perplexities, strict=True):
-                ppl_axes.annotate(f"{value:.0f}", (budget, top), textcoords="offset points", xytext=(0, 6),
-                                  ha="center", fontsize=7, color=style["color"], annotation_clip=False)
+            _plot_off_scale(ppl_axes, budgets, perplexities, top, label, style)
         else:
             ppl_axes.plot(budgets, perplexities, label=label, **style)
     if full is not None:
-        ppl_axes.axhline(
-            full.perplexity, color="grey", linestyle="--", linewidth=1.0, zorder=1, label=f"full cache ({full.perplexity:.2f})"
-        )
+        reference = f"full cache ({full.perplexity:.2f})"
+        ppl_axes.axhline(full.perplexity, color="grey", linestyle="--", linewidth=1.0, zorder=1, label=reference)
     kl_axes.set_ylabel("mean KL(full || compressed) per token, nats")
     kls = [p.kl for points in lines.values() for p in points]
     if kls and min(kls) > 0:
@@ -180,6 +175,24 @@ def language_modeling_figure(rows: list[Row], title: str) -> Figure:
     ppl_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.suptitle(title, fontsize=10)
     return figure
+
+
+def _plot_off_scale(axes, budgets: list[float], values: list[float], top: float, label: str, style: dict) -> None:
+    """A method beyond the axis: upward triangles at the top edge, each with its value above it."""
+    listed = ", ".join(f"{value:.1f}" for value in values)
+    style = {**style, "marker": "^", "linestyle": "none"}
+    axes.plot(budgets, [top] * len(values), label=f"{label} (off the scale: {listed})", clip_on=False, **style)
+    for budget, value in zip(budgets, values, strict=True):
+        axes.annotate(
+            f"{value:.0f}",
+            (budget, top),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+            color=style["color"],
+            annotation_clip=False,
+        )
 
 
 def _log_axis(axes, low: float, high: float) -> None:
