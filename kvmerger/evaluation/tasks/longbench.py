@@ -192,12 +192,15 @@ class LongBench(Task):
     # -- data ------------------------------------------------------------------------------------
 
     def check_data(self) -> None:
+        """The dataset's file is in `data_dir` (FileNotFoundError otherwise); the rows are read later."""
         self.data_file()
 
     def data_file(self) -> Path:
         """The `{dataset}.jsonl` file in `data_dir` (FileNotFoundError saying where to get it)."""
         if self.data_dir is None:
-            raise FileNotFoundError(f"LongBench's {self.dataset} needs its data, which kvmerger does not download. {HOW_TO_GET_DATA}")
+            raise FileNotFoundError(
+                f"LongBench's {self.dataset} needs its data, which kvmerger does not download. {HOW_TO_GET_DATA}"
+            )
         path = Path(self.data_dir).expanduser() / f"{self.dataset}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(

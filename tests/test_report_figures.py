@@ -1,5 +1,6 @@
-"""Figures where every method can be told apart: own colour and marker, side by side at each budget,
-a far-off perplexity named and drawn at the edge instead of squeezing the others."""
+"""Figures where every method can be told apart (own colour and marker, side by side at each budget,
+a far-off perplexity named and drawn at the edge instead of squeezing the others), and a report that
+explains only the metrics of its own tasks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from kvmerger.evaluation.plots import (
     off_scale,
     score_figure,
 )
-from kvmerger.evaluation.report import Row
+from kvmerger.evaluation.report import Row, score_explanation
 
 METHODS = ["kvmerger", "cam", "h2o", "knorm", "random", "snapkv", "streaming-llm", "tova"]
 
@@ -59,3 +60,11 @@ def test_a_far_off_perplexity_is_drawn_at_the_edge_and_named():
     assert "random (off the scale: 143.9)" in labels
     low, high = axes.get_ylim()
     assert high < 40 and low > 20  # the seven others spread over the axis
+
+
+def test_a_pass_key_only_report_explains_only_the_pass_key():
+    text = score_explanation([row(name, 0.5) for name in METHODS])
+    assert "passkey: the key (or answer) found in the answer" in text and "Query-aware" in text
+    assert "needle" not in text and "KL" not in text and "perplexity" not in text
+    both = score_explanation([row("h2o", 0.5), row("h2o", 0.5, perplexity=30.0)])
+    assert "passkey:" in both and "KL divergence" in both and "needle" not in both
