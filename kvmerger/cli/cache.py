@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         print("  (empty: the default model is converted there on first use)")
         return 0
+    width = max(len(entry.path.name) for entry in found)
     for entry in found:
-        print(f"  {entry.path.name}  {mib(entry.bytes):>10}  {entry.state}{'  (stale)' if entry.stale else ''}")
+        print(f"  {entry.path.name:<{width}}  {mib(entry.bytes):>10}  {entry.state}{'  (stale)' if entry.stale else ''}")
         for source in entry.sources:
             print(f"      from {source}")
     total = sum(entry.bytes for entry in found)
