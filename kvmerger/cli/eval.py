@@ -18,8 +18,6 @@ the model (tasks and their parameters, methods, data, the results folder) is che
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -119,6 +117,8 @@ def plural(count: int, noun: str) -> str:
 
 
 def output_folder(args: argparse.Namespace, command: str) -> Path:
+    import datetime
+
     if args.out is not None:
         return args.out
     name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -128,6 +128,8 @@ def output_folder(args: argparse.Namespace, command: str) -> Path:
 def execute(args: argparse.Namespace, settings, command: str, title: str, intro: str | None = None) -> int:
     """Load the model, run `settings` into the results folder, write the summary, figures and report.
     Everything that can be checked without the model (options, output folder, model path) is checked first."""
+    import json
+
     from kvmerger.evaluation.records import write_atomically
     from kvmerger.evaluation.report import write_outputs
     from kvmerger.evaluation.runner import Runner

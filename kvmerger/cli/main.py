@@ -10,10 +10,8 @@ Ctrl-C is one line and exit status 130. `-v` adds the traceback.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
-import traceback
 
 from kvmerger.cli.options import Parser
 
@@ -37,6 +35,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging  # here: `--help` exits before, and logging costs a noticeable share of its time
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except USER_ERRORS as error:
         if args.verbose:
+            import traceback
+
             traceback.print_exc()
         print(f"kvmerger {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2

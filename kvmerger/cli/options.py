@@ -7,10 +7,8 @@ Nothing here imports torch or transformers at module level: building the parsers
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +70,8 @@ def plain_name(text: str) -> str:
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """["sigma=5", "mode=paper"] -> {"sigma": 5, "mode": "paper"} (values read as Python literals)."""
+    import ast
+
     params: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -125,6 +125,8 @@ def check_device(text: str) -> None:
 def check_output_folder(folder: Path, option: str = "--out") -> None:
     """Raise (one line, naming the fix) unless `folder` is, or can be created as, a folder we can write
     in. Creates nothing: the probe folder it makes to test writing is removed at once."""
+    import tempfile
+
     folder = Path(folder)
     existing = next((path for path in [folder, *folder.parents] if path.exists() or path.is_symlink()), Path("."))
     if not existing.is_dir():
