@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvmerger.cli.main as cli_main
+import kvmerger.models
 from kvmerger.cli.generate import answer, build_prompt
 from kvmerger.engine.session import compress_prefill, record_prefill
 from kvmerger.evaluation.generation import answer_query_aware, stop_token_ids
@@ -142,8 +143,15 @@ def readme_generate_examples() -> list[tuple[str, str]]:
     return pairs
 
 
+@pytest.fixture
+def loaded_once(default_model, monkeypatch):
+    """The command line's model loading answered with the session's default model (loaded once per run)."""
+    monkeypatch.setattr(kvmerger.models, "load_model", lambda *args, **kwargs: default_model)
+    return default_model
+
+
 @pytest.mark.model
-def test_the_readme_generate_examples_print_the_answers_the_readme_shows(default_model, monkeypatch, capsys):
+def test_the_readme_generate_examples_print_the_answers_the_readme_shows(loaded_once, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     for command, shown in readme_generate_examples():
         out, _ = run(shlex.split(command)[1:], capsys)
@@ -151,8 +159,8 @@ def test_the_readme_generate_examples_print_the_answers_the_readme_shows(default
 
 
 @pytest.mark.model
-def test_query_agnostic_without_a_question_is_plain_generation_on_the_real_model(default_model, capsys):
-    model, tokenizer = default_model
+def test_query_agnostic_without_a_question_is_plain_generation_on_the_real_model(loaded_once, capsys):
+    model, tokenizer = loaded_once
     prompt = "The lighthouse keeper climbed the stairs every evening and"
     out, _ = run(
         ["generate", "--prompt", prompt, "--method", "full", "--protocol", "query-agnostic", "--no-chat",
