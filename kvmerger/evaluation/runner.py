@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kvmerger.engine.session import Prefill, compress_prefill, record_prefill
 from kvmerger.evaluation.generation import answer_query_agnostic, answer_query_aware, feed, stop_token_ids
+from kvmerger.evaluation.progress import CellProgress
 from kvmerger.evaluation.records import RecordStore, cell_identity, cell_key, model_identity, provenance
 from kvmerger.evaluation.tasks import get_task
 from kvmerger.evaluation.tasks.base import Sample, Task
@@ -311,7 +311,7 @@ class Runner:
         self.check_model(loaded.records)
         groups, total = self.groups(loaded.keys)
         pending = sum(len(group.cells) for group in groups)
-        bar = tqdm(total=pending, unit="cell", disable=not self.progress, dynamic_ncols=True)
+        bar = CellProgress(groups, enabled=self.progress)
         try:
             for group in groups:
                 bar.set_description(f"{group.plan.label} {group.length} #{group.index} {group.protocol}")
@@ -319,11 +319,12 @@ class Runner:
                     self.run_language_modeling(group, bar)
                 else:
                     self.run_question_answering(group, bar)
+                bar.group_done(group)
         finally:
             bar.close()
         return RunOutcome(self.store.folder, total, total - pending, pending, loaded.truncated, time.perf_counter() - start)
 
-    def run_question_answering(self, group: Group, bar: tqdm) -> None:
+    def run_question_answering(self, group: Group, bar: CellProgress) -> None:
         task, sample = group.plan.task, group.sample
         context_ids = self._ids(sample.context, special=True)
         question_ids = self._ids(sample.question, special=False)
@@ -350,12 +351,13 @@ class Runner:
                 "stop": answer.stop,
                 "generated_tokens": len(answer.tokens),
                 "score": float(task.score(answer.text, sample)),
+                "metric": task.metric,
                 "metrics": {},
             }
             self._append(group, cell, prefill, report, result, answer.seconds, question_ids.shape[1])
             bar.update(1)
 
-    def run_language_modeling(self, group: Group, bar: tqdm) -> None:
+    def run_language_modeling(self, group: Group, bar: CellProgress) -> None:
         task, window = group.plan.task, group.sample
         prefix = torch.tensor([window.prefix_ids], device=self.device)
         fed, targets = window.fed.to(self.device), window.targets.to(self.device)
@@ -377,7 +379,12 @@ class Runner:
                 seconds = time.perf_counter() - started
                 del cache
             metrics = task.measure(reference, logits, targets)
-            result = {"score": metrics["top1_agreement"], "metrics": metrics, "scored_tokens": targets.shape[1]}
+            result = {
+                "score": metrics["top1_agreement"],
+                "metric": "top1_agreement",
+                "metrics": metrics,
+                "scored_tokens": targets.shape[1],
+            }
             self._append(group, cell, prefill, report, result, seconds, fed.shape[1])
             bar.update(1)
 
