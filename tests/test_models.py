@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kvmerger import KVMerger, UnsupportedModelError, compress
-from kvmerger.models import cache_dir, converted_gguf, load_model
+from kvmerger.model_cache import cache_dir
+from kvmerger.models import converted_gguf, load_model
 from tests.conftest import build_tiny
 
 

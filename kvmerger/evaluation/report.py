@@ -1,11 +1,18 @@
 """From records to what a person reads: `summary.csv`, the figures and `report.md`.
 
 * `summarize(records)`: one row per (task, protocol, method, budget): the number of cells, the
-  mean score and its standard error, for language modelling the perplexity (exp of the mean NLL
-  over all scored tokens), the mean KL to the full cache and the top-1 agreement, the mean memory
-  ratio, and the mean seconds of scoring, compressing and decoding per cell. The scoring seconds
-  are those of the attention statistics, computed once per sample and shared: they are counted in
-  the first cell of the sample that asked for them.
+  mean score and its standard error with the name of the metric it is (`metric`: the task's, e.g.
+  contains_answer for the pass key, keyword_recall for the needle, and top1_agreement, the share of
+  tokens whose top prediction matches the full cache's, for language modelling), for language
+  modelling the perplexity (exp of the mean NLL over all scored tokens), the mean KL to the full
+  cache and the top-1 agreement, the mean memory ratio, and timings in milliseconds per cell.
+  `compressing_ms` is the method's own step and `decoding_ms` its answer or continuation.
+  `shared_scoring_ms` is reported once per sample, in its own column, charged to no method: the
+  attention statistics (H2O's aggregated attention, SnapKV's and TOVA's windows) are computed once
+  per sample and shared by every method of the run that asks for them (KVMerger, H2O, CaM, SnapKV,
+  TOVA, the fitted methods; not the full cache, K-norm, random or StreamingLLM); the column holds
+  their total for the row's samples, the mean over its cells. A method run alone pays the
+  statistics it needs in full.
 * `report_markdown`: the results table (method x task), the figures, and plain sentences on where
   KVMerger wins and where it loses against the best other method at each budget. Differences in
   scores smaller than the standard errors are called ties, not wins. Language modelling is judged
@@ -35,13 +42,14 @@ SUMMARY_COLUMNS = [
     "budget",
     "cells",
     "lengths",
+    "metric",
     "score",
     "score_stderr",
     "perplexity",
     "kl",
     "top1_agreement",
     "memory_ratio",
-    "scoring_ms",
+    "shared_scoring_ms",
     "compressing_ms",
     "decoding_ms",
 ]
@@ -57,13 +65,14 @@ class Row:
     budget: float
     cells: int
     lengths: list[int]
+    metric: str  # what `score` measures
     score: float
     score_stderr: float
     perplexity: float | None
     kl: float | None
     top1_agreement: float | None
     memory_ratio: float
-    scoring_ms: float
+    shared_scoring_ms: float
     compressing_ms: float
     decoding_ms: float
 
@@ -89,17 +98,45 @@ def method_order(label: str, name: str) -> tuple:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[Row]:
+    records = list(records)
+    shared = shared_scoring_seconds(records)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     task_order: dict[str, int] = {}
     for record in records:
         task_order.setdefault(record["task"], len(task_order))
         groups[(record["task"], record["protocol"], record["method_label"], record["budget"])].append(record)
-    rows = [_row(key, cells) for key, cells in groups.items()]
+    rows = [_row(key, cells, shared) for key, cells in groups.items()]
     rows.sort(key=lambda r: (task_order[r.task], r.protocol, method_order(r.method, r.method_name), -r.budget))
     return rows
 
 
-def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
+def sample_key(record: dict[str, Any]) -> tuple:
+    """The sample (and protocol) a record belongs to: the cells that shared one prefill."""
+    return (record["task"], record["length"], record["sample"], record.get("seed"), record["protocol"])
+
+
+def shared_scoring_seconds(records: list[dict[str, Any]]) -> dict[tuple, float]:
+    """Per sample: the seconds spent on attention statistics, summed over its cells (each statistic
+    is computed by the first cell that asks for it and counted there)."""
+    totals: dict[tuple, float] = defaultdict(float)
+    for record in records:
+        totals[sample_key(record)] += float(record["seconds"]["scoring"])
+    return totals
+
+
+def metric_name(record: dict[str, Any]) -> str:
+    """What a record's score measures (records written before the field existed: from its task)."""
+    if "metric" in record:
+        return record["metric"]
+    if "kl" in record.get("metrics", {}):
+        return "top1_agreement"
+    from kvmerger.evaluation.tasks import TASKS
+
+    metric = getattr(TASKS.get(record.get("task_name", "")), "metric", None)
+    return metric if isinstance(metric, str) else "score"
+
+
+def _row(key: tuple, cells: list[dict[str, Any]], shared: dict[tuple, float]) -> Row:
     task, protocol, label, budget = key
     scores = [float(cell["score"]) for cell in cells]
     stderr = statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
@@ -119,13 +156,14 @@ def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
         budget=float(budget),
         cells=len(cells),
         lengths=sorted({int(cell["length"]) for cell in cells}),
+        metric="/".join(sorted({metric_name(cell) for cell in cells})),
         score=statistics.fmean(scores),
         score_stderr=stderr,
         perplexity=perplexity,
         kl=kl,
         top1_agreement=top1,
         memory_ratio=statistics.fmean(cell["cache"]["memory_ratio"] for cell in cells),
-        scoring_ms=1e3 * statistics.fmean(cell["seconds"]["scoring"] for cell in cells),
+        shared_scoring_ms=1e3 * statistics.fmean(shared[sample_key(cell)] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
     )
@@ -311,12 +349,7 @@ def report_markdown(
         )
         lines.append("")
     lines += [
-        "Scores are means over samples, in [0, 1], higher is better (pass key: key found; needle: recall of the "
-        "needle's words; lm: see KL and ppl). lm KL is the mean KL divergence from the full cache's next-token "
-        "distribution per token (nats, lower is better); lm ppl is the perplexity of the continuation. Memory is "
-        "the compressed prompt cache over the full one. Query-aware: the first answer token comes from the "
-        "full-cache prefill, every later one from the compressed cache (so on the needle a method that lost it "
-        "can still score 1/7, from that first word).",
+        score_explanation(rows),
         "",
         results_table(rows),
         "",
@@ -354,6 +387,39 @@ def report_markdown(
         lines += [f"### {title}", "", f"![{alt}]({path.relative_to(folder).as_posix()})", ""]
     lines += ["## Files", "", "* `records.jsonl`: one record per cell, with its provenance", "* `summary.csv`: the rows above, with timings", ""]
     return "\n".join(lines)
+
+
+METRIC_TEXT = {
+    "contains_answer": "the key (or answer) found in the answer",
+    "keyword_recall": "recall of the needle's words",
+    "string_match_all": "share of the expected values found (RULER's string_match_all)",
+}
+
+
+def score_explanation(rows: list[Row]) -> str:
+    """What the numbers of the table mean, for the tasks and protocols of these rows only."""
+    metrics: dict[str, str] = {}
+    for row in rows:
+        if not row.is_language_modeling:
+            metrics.setdefault(row.task, row.metric)
+    parts = []
+    if metrics:
+        described = "; ".join(f"{task}: {METRIC_TEXT.get(metric, metric)}" for task, metric in metrics.items())
+        parts.append(f"Scores are means over samples, in [0, 1], higher is better ({described}).")
+    if any(row.is_language_modeling for row in rows):
+        parts.append(
+            "Language modelling: KL is the mean KL divergence from the full cache's next-token distribution per "
+            "token (nats, lower is better); ppl is the perplexity of the continuation."
+        )
+    parts.append("Memory is the compressed prompt cache over the full one.")
+    if any(row.protocol == "query-aware" for row in rows):
+        needle = any(metric == "keyword_recall" for metric in metrics.values())
+        parts.append(
+            "Query-aware: the first answer token comes from the full-cache prefill, every later one from the "
+            "compressed cache"
+            + (" (so on the needle a method that lost it can still score 1/7, from that first word)." if needle else ".")
+        )
+    return " ".join(parts)
 
 
 def _sample_counts(rows: list[Row]) -> str:

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kvmerger.engine.session import Prefill, compress_prefill, record_prefill
 from kvmerger.evaluation.generation import Answer, answer_query_agnostic, answer_query_aware, feed, stop_token_ids
+from kvmerger.evaluation.progress import CellProgress
 from kvmerger.evaluation.records import RecordStore, cell_identity, cell_key, model_identity, provenance
 from kvmerger.evaluation.tasks import get_task
 from kvmerger.evaluation.tasks.base import Question, Sample, Task
@@ -328,7 +328,7 @@ class Runner:
         self.check_model(loaded.records)
         groups, total = self.groups(loaded.keys)
         pending = sum(len(group.cells) for group in groups)
-        bar = tqdm(total=pending, unit="cell", disable=not self.progress, dynamic_ncols=True)
+        bar = CellProgress(groups, enabled=self.progress)
         try:
             for group in groups:
                 bar.set_description(f"{group.plan.label} {group.length} #{group.index} {group.protocol}")
@@ -336,11 +336,12 @@ class Runner:
                     self.run_language_modeling(group, bar)
                 else:
                     self.run_question_answering(group, bar)
+                bar.group_done(group)
         finally:
             bar.close()
         return RunOutcome(self.store.folder, total, total - pending, pending, loaded.truncated, time.perf_counter() - start)
 
-    def run_question_answering(self, group: Group, bar: tqdm) -> None:
+    def run_question_answering(self, group: Group, bar: CellProgress) -> None:
         """Query-aware: one prefill of context + question per question, every cell compressing it.
         Query-agnostic (compress once, ask many): one prefill of the context, compressed once per
         cell, every question asked from its own copy of that compressed cache."""
@@ -355,7 +356,7 @@ class Runner:
 
         def finish(cell: Cell) -> None:  # each cell is written as soon as its last question is answered
             outcome = outcomes[cell.key]
-            self._append(group, cell, outcome, outcome.result(), longest)
+            self._append(group, cell, outcome, outcome.result(task.metric), longest)
             bar.update(1)
 
         if group.protocol == "query-aware":
@@ -382,7 +383,7 @@ class Runner:
                 del cache
                 finish(cell)
 
-    def run_language_modeling(self, group: Group, bar: tqdm) -> None:
+    def run_language_modeling(self, group: Group, bar: CellProgress) -> None:
         task, window = group.plan.task, group.sample
         prefix = torch.tensor([window.prefix_ids], device=self.device)
         fed, targets = window.fed.to(self.device), window.targets.to(self.device)
@@ -404,7 +405,12 @@ class Runner:
                 seconds = time.perf_counter() - started
                 del cache
             metrics = task.measure(reference, logits, targets)
-            result = {"score": metrics["top1_agreement"], "metrics": metrics, "scored_tokens": targets.shape[1]}
+            result = {
+                "score": metrics["top1_agreement"],
+                "metric": "top1_agreement",
+                "metrics": metrics,
+                "scored_tokens": targets.shape[1],
+            }
             self._append(group, cell, CellOutcome.single(prefill, report, seconds), result, fed.shape[1])
             bar.update(1)
 
@@ -511,9 +517,9 @@ class CellOutcome:
             }
         )
 
-    def result(self) -> dict[str, Any]:
-        """The record's result fields: the first question's answer, the mean score, and with several
-        questions every question's own result (`questions`)."""
+    def result(self, metric: str) -> dict[str, Any]:
+        """The record's result fields: the first question's answer, the mean score (`metric`, the
+        task's), and with several questions every question's own result (`questions`)."""
         first = self.answers[0]
         result = {
             "answers": first["answers"],
@@ -521,6 +527,7 @@ class CellOutcome:
             "stop": first["stop"],
             "generated_tokens": first["generated_tokens"],
             "score": statistics.fmean(answer["score"] for answer in self.answers),
+            "metric": metric,
             "metrics": {},
         }
         if len(self.answers) > 1:

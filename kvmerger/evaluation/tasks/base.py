@@ -50,10 +50,11 @@ class Sample:
 
 @dataclass
 class Task(ABC):
-    """Base class; subclasses set `name`, `summary` and `max_new_tokens`."""
+    """Base class; subclasses set `name`, `summary`, `metric` and `max_new_tokens`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    metric: ClassVar[str] = "score"  # the name of what `score` measures, for summaries
     max_new_tokens: ClassVar[int] = 32
     stop_strings: ClassVar[tuple[str, ...]] = ()  # generation stops at the first of these in the answer
 
@@ -70,13 +71,25 @@ class Task(ABC):
     def score(self, prediction: str, sample: Sample) -> float:
         """The score of one generated answer, in [0, 1]."""
 
+    def check_data(self) -> None:
+        """Raise (FileNotFoundError, saying where to get them) if the task's data are not at hand;
+        `kvmerger eval` calls it before loading the model. Tasks with shipped or generated data pass."""
+
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 def get_task(name: str, **params: Any) -> Task:
+    """Build a registered task by name, e.g. ``get_task("passkey", chat=True)``; unknown parameters are
+    refused with the task's own list, as `get_method` does for methods."""
     import kvmerger.evaluation.tasks  # noqa: F401  (registers every task)
 
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name](**params)
+    cls = TASKS[name]
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        listed = ", ".join(known) if known else "none"
+        raise ValueError(f"task {name} has no parameter {', '.join(unknown)}; its parameters: {listed}")
+    return cls(**params)

@@ -86,6 +86,7 @@ class Needle(Task):
     """The standard needle in a haystack; one sample per depth (see the module docstring)."""
 
     name: ClassVar[str] = "needle"
+    metric: ClassVar[str] = "keyword_recall"
     summary: ClassVar[str] = "needle in a haystack: the San Francisco needle in Paul Graham essays, recall of its words"
     max_new_tokens: ClassVar[int] = 24
     stop_strings: ClassVar[tuple[str, ...]] = (".", "\n\n")

@@ -88,6 +88,7 @@ class PassKey(Task):
     """Pass-key retrieval; one sample per depth, each with its own key (see the module docstring)."""
 
     name: ClassVar[str] = "passkey"
+    metric: ClassVar[str] = "contains_answer"
     summary: ClassVar[str] = "pass-key retrieval: a 5-digit key as its own paragraph in essays, found or not"
     max_new_tokens: ClassVar[int] = 12
     stop_strings: ClassVar[tuple[str, ...]] = ("\n", ".")

@@ -191,6 +191,8 @@ def _check_positive(**values: float) -> None:
 class RulerTask(Task):
     """What every RULER family shares: the chat switch, samples from per-index seeds, the metric."""
 
+    metric: ClassVar[str] = "string_match_all"
+
     chat: bool = True
 
     def samples(self, tokenizer, context_tokens: int, count: int, seed: int) -> list[Sample]:
