@@ -21,13 +21,6 @@ def test_families_compress_and_generate(family):
     assert session.reports[0].memory_ratio == pytest.approx(0.5)
 
 
-def test_sliding_window_layers_get_an_error_naming_them():
-    model = build_tiny("mistral", sliding_window=16)
-    with pytest.raises(UnsupportedModelError, match="sliding_attention.*sliding_window=16"):
-        with compress(model, KVMerger()):
-            pass
-
-
 def test_a_model_that_is_not_a_transformers_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="not a transformers PreTrainedModel"):
         with compress(torch.nn.Linear(2, 2), KVMerger()):
