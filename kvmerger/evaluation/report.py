@@ -3,9 +3,10 @@
 * `summarize(records)`: one row per (task, protocol, method, budget): the number of cells, the
   mean score and its standard error, for language modelling the perplexity (exp of the mean NLL
   over all scored tokens), the mean KL to the full cache and the top-1 agreement, the mean memory
-  ratio, and the mean seconds of scoring, compressing and decoding per cell. The scoring seconds
-  are those of the attention statistics, computed once per sample and shared: they are counted in
-  the first cell of the sample that asked for them.
+  ratio (over the compressed layers, and over the whole cache when some layers are kept as they
+  are, e.g. sliding-window layers), and the mean seconds of scoring, compressing and decoding per
+  cell. The scoring seconds are those of the attention statistics, computed once per sample and
+  shared: they are counted in the first cell of the sample that asked for them.
 * `report_markdown`: the results table (method x task), the figures, and plain sentences on where
   KVMerger wins and where it loses against the best other method at each budget. Differences in
   scores smaller than the standard errors are called ties, not wins. Language modelling is judged
@@ -41,6 +42,7 @@ SUMMARY_COLUMNS = [
     "kl",
     "top1_agreement",
     "memory_ratio",
+    "cache_memory_ratio",
     "scoring_ms",
     "compressing_ms",
     "decoding_ms",
@@ -62,7 +64,8 @@ class Row:
     perplexity: float | None
     kl: float | None
     top1_agreement: float | None
-    memory_ratio: float
+    memory_ratio: float  # the compressed layers' bytes after over before
+    cache_memory_ratio: float  # the same over the whole cache, layers kept as they are included
     scoring_ms: float
     compressing_ms: float
     decoding_ms: float
@@ -125,6 +128,9 @@ def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
         kl=kl,
         top1_agreement=top1,
         memory_ratio=statistics.fmean(cell["cache"]["memory_ratio"] for cell in cells),
+        cache_memory_ratio=statistics.fmean(
+            cell["cache"].get("cache_memory_ratio", cell["cache"]["memory_ratio"]) for cell in cells
+        ),
         scoring_ms=1e3 * statistics.fmean(cell["seconds"]["scoring"] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
@@ -191,21 +197,30 @@ def variants(rows: list[Row]) -> list[tuple[str, str, float]]:
     return sorted(seen, key=lambda v: (method_order(v[0], v[1]), -v[2]))
 
 
+def has_kept_layers(rows: list[Row]) -> bool:
+    """Whether some layers were not compressed (sliding-window layers), so the whole cache shrank less."""
+    return any(abs(row.cache_memory_ratio - row.memory_ratio) > 1e-9 for row in rows)
+
+
 def results_table(rows: list[Row]) -> str:
-    """A Markdown table: one line per method and budget, one column per task (or LM metric)."""
+    """A Markdown table: one line per method and budget, one column per task (or LM metric); memory
+    over the compressed layers, and over the whole cache too when some layers were kept as they are."""
     cols = columns(rows)
     index = {(row.task, row.protocol, row.method, row.budget): row for row in rows}
-    header = ["method", "budget", *(column.title for column in cols), "memory"]
+    whole = has_kept_layers(rows)
+    header = ["method", "budget", *(column.title for column in cols), "memory"] + (["whole cache"] if whole else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, _, budget in variants(rows):
-        cells, memory = [], []
+        cells, memory, cache = [], [], []
         for column in cols:
             row = index.get((column.task, column.protocol, label, budget))
             cells.append("" if row is None else column.format(column.value(row)))
             if row is not None:
                 memory.append(row.memory_ratio)
-        memory_text = f"{statistics.fmean(memory):.0%}" if memory else ""
-        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, memory_text]) + " |")
+                cache.append(row.cache_memory_ratio)
+        ratios = [memory, cache] if whole else [memory]
+        texts = [f"{statistics.fmean(values):.0%}" if values else "" for values in ratios]
+        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, *texts]) + " |")
     return "\n".join(lines)
 
 
@@ -289,7 +304,14 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
         "Scores are means over samples, in [0, 1], higher is better (pass key: key found; needle: recall of the "
         "needle's words; lm: see KL and ppl). lm KL is the mean KL divergence from the full cache's next-token "
         "distribution per token (nats, lower is better); lm ppl is the perplexity of the continuation. Memory is "
-        "the compressed prompt cache over the full one. Query-aware: the first answer token comes from the "
+        "the compressed prompt cache over the full one"
+        + (
+            " in the compressed (full-attention) layers; whole cache also counts the sliding-window layers, which "
+            "keep transformers' own cache of at most the window and are never compressed"
+            if has_kept_layers(rows)
+            else ""
+        )
+        + ". Query-aware: the first answer token comes from the "
         "full-cache prefill, every later one from the compressed cache (so on the needle a method that lost it "
         "can still score 1/7, from that first word).",
         "",
