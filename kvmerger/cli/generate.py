@@ -79,8 +79,8 @@ def answer(model, tokenizer, method, context: str, question: str, protocol: str,
     return {
         "answer": tokenizer.decode(out[0, full_ids.shape[1] :], skip_special_tokens=True),
         "prompt_tokens": full_ids.shape[1],
-        "bytes_before": report.bytes_before,
-        "bytes_after": report.bytes_after,
+        "bytes_before": report.cache_bytes_before,  # the whole cache: sliding-window layers included
+        "bytes_after": report.cache_bytes_after,
         "seconds_compressing": report.seconds,
         "seconds_total": time.perf_counter() - start,
         "report": report,

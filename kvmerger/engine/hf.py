@@ -389,9 +389,10 @@ def _prefill_attention_with_lse(
 def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
     """Resize the model's mask, built for layer 0's slot count, to a layer holding `kv_length` slots.
 
-    transformers builds one mask for all layers from layer 0's sizes; layers compressed to other
-    lengths (paper mode) need their own. With no padding and full attention (both checked when a
-    session starts) every stored slot is visible and the new tokens keep their causal block.
+    transformers builds one full-attention mask from the first full-attention layer's sizes; layers
+    compressed to other lengths (paper mode) need their own. Only full-attention layers come here
+    (sliding-window layers keep transformers' own mask), and with no padding (checked when a forward
+    pass starts) every stored slot is visible and the new tokens keep their causal block.
     """
     new_tokens = mask.shape[-2]
     stored = kv_length - new_tokens
