@@ -30,7 +30,8 @@ TINY = dict(
     max_position_embeddings=1024,
 )
 WINDOW = 8  # sliding window of the tiny mixed models: test prompts (40-48 tokens) run well past it
-SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}  # layer 0 full, 1-2 sliding
+# Qwen's sliding layers are those from max_window_layers on: layer 0 full, layers 1-2 sliding
+SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),

@@ -12,7 +12,16 @@ from functools import cache
 import pytest
 import torch
 
-from kvmerger import CompressedCache, FullCache, KVMerger, UnsupportedModelError, attach, compress, compress_prefill, record_prefill
+from kvmerger import (
+    CompressedCache,
+    FullCache,
+    KVMerger,
+    UnsupportedModelError,
+    attach,
+    compress,
+    compress_prefill,
+    record_prefill,
+)
 from kvmerger.engine.hf import CompressedLayer
 from kvmerger.methods import METHODS, get_method
 from tests.conftest import FAMILIES, WINDOW, build_tiny
@@ -128,7 +137,7 @@ def test_the_report_states_the_budget_and_the_whole_cache(family):
     assert report.cache_memory_ratio == pytest.approx((full * 24 + sliding * 7) / (full * 48 + sliding * 7))
     summary = report.summary()
     assert f"{full} compressed layers" in summary and "(50.0%)" in summary
-    assert f"whole cache" in summary and f"{report.cache_memory_ratio:.1%}" in summary
+    assert "whole cache" in summary and f"{report.cache_memory_ratio:.1%}" in summary
     assert f"{sliding} sliding attention layers kept" in summary
     assert report.to_dict()["cache_memory_ratio"] == report.cache_memory_ratio
 
@@ -238,8 +247,6 @@ def test_a_held_budget_from_a_recorded_prefill_stays_on_the_compressed_layers(fa
 def test_generate_gives_a_caller_cache_and_a_dynamic_cache_the_right_layer_per_kind():
     from transformers import DynamicCache
 
-    from kvmerger import CompressedCache
-
     model = tiny("gemma3")
     with torch.no_grad(), compress(model, KVMerger(budget=0.5)):
         for cache in (CompressedCache(), CompressedCache(model.config), DynamicCache(config=model.config)):
@@ -275,3 +282,28 @@ def test_layer_kinds_the_engine_cannot_drive_are_named():
 
 def test_every_family_in_the_test_table_is_exercised():
     assert set(FAMILIES) == {*COMPRESSIBLE, "mistral-sliding"}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("family", MIXED)
+def test_scores_of_the_full_layers_match_eager_attention_weights(family, fused, monkeypatch):
+    """The statistics the methods rank by, on a mixed model: eager attention's column sums."""
+    import copy
+
+    from kvmerger.engine import scoring
+    from tests.test_scoring import grouped_column_sums
+
+    if fused:
+        monkeypatch.setattr(scoring, "FUSED_FROM_TOKENS", 2)
+    model = tiny(family)
+    eager = type(model)(copy.deepcopy(model.config)).eval()
+    eager.load_state_dict(model.state_dict())
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(IDS, output_attentions=True).attentions
+    prefill = record_prefill(model, IDS)
+    for layer in full_layers(model):
+        assert prefill.scores[layer].uses_fused_path == fused
+        expected = grouped_column_sums(attentions[layer].double(), model.config.num_key_value_heads)
+        got = prefill.scores[layer].aggregated_attention().double()
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -127,7 +127,8 @@ def _layer_table(profile: MergeProfile, stats: dict[str, Persistence]) -> list[s
     key_mean, value_mean = profile.key_cosine.mean(), profile.value_cosine.mean()
     above = profile.key_cosine.share_above_eps()
     for layer in range(profile.num_layers):
-        cells = [str(profile.layer_ids[layer]), f"{key_mean[layer]:.3f}", f"{value_mean[layer]:.3f}", f"{above[layer]:.1%}"]
+        cells = [str(profile.layer_ids[layer]), f"{key_mean[layer]:.3f}", f"{value_mean[layer]:.3f}"]
+        cells.append(f"{above[layer]:.1%}")
         for variant in VARIANTS:
             for kind in kinds:
                 s = stats[variant].by_kind[kind]

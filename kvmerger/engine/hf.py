@@ -387,7 +387,7 @@ def _prefill_attention_with_lse(
 
 
 def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """Resize the model's mask, built for layer 0's slot count, to a layer holding `kv_length` slots.
+    """Resize the full-attention mask, built for the first such layer's slots, to a layer holding `kv_length`.
 
     transformers builds one full-attention mask from the first full-attention layer's sizes; layers
     compressed to other lengths (paper mode) need their own. Only full-attention layers come here
