@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerger import compress, compress_prefill, get_method, record_prefill
+from kvmerger.engine.hf import layer_kinds
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
 from kvmerger.engine.scoring import largest_attention, pooled_window_attention
 from tests.conftest import CharTokenizer, build_tiny
@@ -206,8 +207,9 @@ def test_expected_and_window_scores_drive_kvmerger(tiny, tiny_gemma, prompt, fam
     prefill = record_prefill(model, prompt)
     for score in ("window", "expected", "aggregated+window"):
         cache, report = compress_prefill(prefill, get_method("kvmerger", budget=0.35, score=score))
-        assert [slots for slots, kind in zip(cache.slots(), model.config.layer_types) if kind == "full_attention"] == [14] * (
-            model.config.layer_types.count("full_attention")
+        kinds = layer_kinds(model.config)
+        assert [slots for slots, kind in zip(cache.slots(), kinds) if kind == "full_attention"] == [14] * kinds.count(
+            "full_attention"
         )
     with pytest.raises(ValueError, match="score must be one of"):
         get_method("kvmerger", score="question")
