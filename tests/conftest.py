@@ -94,3 +94,56 @@ def default_model():
 
     model, tokenizer = load_model()
     return model, tokenizer
+
+
+class StandInReconstruction:
+    """For method contract tests on random layers (no model to run): the reconstruction score of a
+    layer is its last 8 queries' attention, and its reconstruction queries those 8 query states."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        from kvmerger.engine.scoring import window_attention
+
+        self._scores = window_attention(query, key, scaling, 8)
+        self._queries = query[:, :, -8:]
+
+    def scores(self, layer_idx: int) -> torch.Tensor:
+        return self._scores
+
+    def queries(self, layer_idx: int) -> torch.Tensor:
+        return self._queries
+
+
+def plain_rope(dim: int, theta: float = 10000.0):
+    """Rotary tables of plain RoPE (rotate-half layout), as `rotary_tables(model)(layer)` gives them."""
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = positions.float().unsqueeze(-1) * inverse
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+    return tables
+
+
+def standalone_scores(query: torch.Tensor, key: torch.Tensor, scaling: float):
+    """LayerScores for a random layer with every score source available (see StandInReconstruction)."""
+    from kvmerger.engine.scoring import LayerScores, ScoreContext
+
+    context = ScoreContext(rotary=lambda layer_idx: plain_rope(key.shape[-1]),
+                           reconstruction=StandInReconstruction(query, key, scaling))
+    return LayerScores(query, key, scaling, context=context)
+
+
+class CharTokenizer:
+    """One token per character (its code modulo 128) and no chat template: enough for the engine's
+    reconstruction prompts on the tiny models (whose vocabulary is 128)."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [ord(c) % 128 for c in text]
+
+        class Encoding:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Encoding()

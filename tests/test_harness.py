@@ -126,7 +126,7 @@ def test_records_carry_their_provenance(finished):
     _, _, records = finished
     record = next(r for r in records if r["method"] == "kvmerger" and r["budget"] == 0.35)
     assert record["method_params"] == get_method_params("kvmerger", 0.35)
-    assert record["task_params"] == {"task": "passkey", "chat": False}
+    assert record["task_params"] == {"task": "passkey", "chat": False, "keys": 1}
     assert record["seed"] == 0 and record["protocol"] in ("query-aware", "query-agnostic")
     provenance = record["provenance"]
     assert provenance["versions"]["torch"] == torch.__version__

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvmerger import METHODS, NonFiniteCacheError
-from kvmerger.engine.scoring import LayerScores
+from tests.conftest import standalone_scores
 from kvmerger.engine.session import compress_layer
 from kvmerger.methods.base import CompressionMethod
 
@@ -96,7 +96,7 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_engine(method: CompressionMethod, keys, values, query, layer_idx):
-    scores = LayerScores(query, keys, keys.shape[-1] ** -0.5)
+    scores = standalone_scores(query, keys, keys.shape[-1] ** -0.5)
     return compress_layer(method, keys, values, scores, layer_idx, LAYERS)
 
 

@@ -13,9 +13,8 @@ import torch
 
 from kvmerger import METHODS, KVMerger, NonFiniteCacheError, compress, compress_prefill, record_prefill
 from kvmerger.engine.hf import ATTENTION_NAME, active_session
-from kvmerger.engine.scoring import LayerScores
 from kvmerger.engine.session import compress_layer
-from tests.conftest import build_tiny
+from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 
 # Every mode of every registered method (new methods run with their defaults).
 VARIANTS = {
@@ -98,7 +97,7 @@ def test_a_nan_weight_gets_the_clear_error_in_every_method(broken_models, prompt
     model = broken_models[where]
     *_, layer, tensor, token = NAN_WEIGHTS[where]
     with pytest.raises(NonFiniteCacheError) as error, torch.no_grad():
-        with compress(model, build(name, params, 0.35)):
+        with compress(model, build(name, params, 0.35), tokenizer=CharTokenizer()):
             model.generate(prompt, max_new_tokens=3, do_sample=False)
     message = str(error.value)
     assert message.startswith(f"layer {layer}: the prompt's {tensor} hold NaN or inf in ")
@@ -108,7 +107,7 @@ def test_a_nan_weight_gets_the_clear_error_in_every_method(broken_models, prompt
 
 
 def test_the_offline_path_gets_the_same_error(broken_models, prompt):
-    prefill = record_prefill(broken_models["k_proj-layer-1"], prompt)
+    prefill = record_prefill(broken_models["k_proj-layer-1"], prompt, tokenizer=CharTokenizer())
     for name in sorted(METHODS):
         with pytest.raises(NonFiniteCacheError, match="^layer 1: the prompt's keys hold NaN or inf"):
             compress_prefill(prefill, build(name, {}, 0.5))
@@ -158,7 +157,7 @@ def tiny_layer(length: int, seed: int = 0):
     query = torch.randn(2, 4, length, 8, generator=generator) * 2
     keys = torch.randn(2, 2, length, 8, generator=generator).cumsum(2)
     values = torch.randn(2, 2, length, 8, generator=generator)
-    return keys, values, LayerScores(query, keys, 8**-0.5)
+    return keys, values, standalone_scores(query, keys, 8**-0.5)
 
 
 @pytest.mark.parametrize("budget", [1e-6, 1.0])
@@ -185,7 +184,7 @@ def test_one_to_three_tokens_at_one_slot_and_at_all_slots(name, params, length, 
 @pytest.mark.parametrize(("name", "params"), [p for p in every_variant() if build(*p.values, 0.5).can_hold_budget()])
 def test_two_and_three_token_prompts_held_at_one_slot_and_at_all_slots(tiny_llama, name, params, length, budget):
     method = build(name, params, budget)
-    with torch.no_grad(), compress(tiny_llama, method, hold_budget=True):
+    with torch.no_grad(), compress(tiny_llama, method, hold_budget=True, tokenizer=CharTokenizer()):
         out = tiny_llama(torch.arange(3, 3 + length)[None])
         cache = out.cache
         slots = cache.slots()
@@ -257,7 +256,7 @@ def test_ten_prompts_leave_the_model_exactly_as_it_was(tiny_llama):
         counts = {}
         for index, ids in enumerate(prompts):
             method = METHODS[names[index % len(names)]](budget=0.35)
-            with compress(tiny_llama, method, hold_budget=index % 2 == 0) as session:
+            with compress(tiny_llama, method, hold_budget=index % 2 == 0, tokenizer=CharTokenizer()) as session:
                 out = tiny_llama.generate(ids, max_new_tokens=5, do_sample=False)
             assert out.shape[1] == ids.shape[1] + 5 and session.report.tokens == ids.shape[1]
             assert_restored(tiny_llama)

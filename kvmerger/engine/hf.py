@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -197,6 +198,24 @@ class CompressedCache(Cache):
             built.append(layer)
         return cls(layers=built)
 
+    def fork(self) -> CompressedCache:
+        """A new cache holding the same stored slots, to continue from this point more than once (several
+        questions over one compressed prompt). The tensors are shared, not copied: a layer's update
+        concatenates into new tensors and never writes into the stored ones."""
+        layers: list[CacheLayerMixin] = []
+        for theirs in self.layers:
+            if not isinstance(theirs, CompressedLayer):  # a sliding-window layer: a copy sharing its tensors
+                layers.append(copy.copy(theirs))
+                continue
+            mine = CompressedLayer()
+            if theirs.is_initialized:
+                mine.replace(theirs.keys, theirs.values, theirs.slot_bias)
+            mine.seen_tokens = theirs.seen_tokens
+            mine.compressed_slots = theirs.compressed_slots
+            mine.hold = theirs.hold
+            layers.append(mine)
+        return CompressedCache(layers=layers)
+
     def nbytes(self) -> int:
         """Bytes of every layer's stored keys and values (and per-slot biases), compressed or not."""
         return sum(layer_nbytes(layer) for layer in self.layers)
@@ -208,6 +227,19 @@ class CompressedCache(Cache):
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+
+
+def restorer(layer: CacheLayerMixin) -> Callable[[], None]:
+    """A function that puts `layer` (the same object) back in its present state: for a sliding-window
+    layer, which cannot be cropped back once a pass has slid it forward. Its tensors are shared, not
+    copied: transformers' layers replace them when they grow, never write into them."""
+    state = dict(vars(layer))
+
+    def restore() -> None:
+        vars(layer).clear()
+        vars(layer).update(state)
+
+    return restore
 
 
 def is_compressed(layer: Any) -> bool:
@@ -458,7 +490,9 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def install_session(model: PreTrainedModel, session: CompressionSession) -> Iterator[None]:
     """Route `model`'s attention through kvmerger and give every forward pass a kvmerger cache.
 
-    On exit the attention implementation and the hooks are restored, whatever happened inside.
+    Sessions nest: inside another session's block (the engine's own second passes, such as KVzip's
+    reconstruction, run from a session's hook), only the innermost session's hooks act. On exit the
+    attention implementation and the hooks are restored, whatever happened inside.
     """
     register_attention()
     previous = model.config._attn_implementation
@@ -476,6 +510,8 @@ def install_session(model: PreTrainedModel, session: CompressionSession) -> Iter
 
 def _make_pre_hook(session: CompressionSession) -> Callable:
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if active_session() is not session:
+            return args, kwargs
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -488,7 +524,8 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
         if cache is not None:
             cache = _as_compressed_cache(cache, module.config)
             kwargs[key] = cache
-        session.begin_forward(cache, None if inputs is None else inputs.shape[1])
+        token_ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
+        session.begin_forward(cache, None if inputs is None else inputs.shape[1], token_ids)
         return args, kwargs
 
     return pre_hook
@@ -496,10 +533,36 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
 
 def _make_post_hook(session: CompressionSession) -> Callable:
     def post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        session.end_forward()
+        if active_session() is session:
+            session.end_forward()
         return output
 
     return post_hook
+
+
+def rotary_tables(model: PreTrainedModel) -> Callable[[int], Callable] | None:
+    """`for_layer(layer_idx)(positions [n]) -> (cos, sin)` [n, d] float32 from the model's own rotary
+    embedding (attention scaling included; the layer's type chosen where the model has several, as
+    Gemma 3 does), or None if the model has none where transformers puts it."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        return None
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_types = _layer_types(model.config.get_text_config(decoder=True)) if takes_layer_type else []
+    device = next(model.parameters()).device
+
+    def for_layer(layer_idx: int) -> Callable:
+        extra = {"layer_type": layer_types[layer_idx]} if takes_layer_type else {}
+
+        def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            probe = torch.empty(0, dtype=torch.float32, device=device)
+            cos, sin = rotary(probe, positions.to(device).unsqueeze(0), **extra)
+            return cos[0].float(), sin[0].float()
+
+        return tables
+
+    return for_layer
 
 
 def _check_no_padding(attention_mask: torch.Tensor | None) -> None:

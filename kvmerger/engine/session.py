@@ -40,9 +40,10 @@ from kvmerger.engine.hf import (
     layer_kind,
     layer_nbytes,
     layer_slots,
+    rotary_tables,
 )
 from kvmerger.engine.report import CompressionReport, KeptLayer, LayerReport
-from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, _synchronize, new_query_attention
+from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, ScoreContext, _synchronize, new_query_attention
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState
 
 
@@ -118,7 +119,10 @@ class Session:
         self.seconds_holding = 0.0
 
     # -- called by the hooks in engine.hf ------------------------------------------------------
-    def begin_forward(self, cache: CompressedCache | None, query_length: int | None) -> None:
+    def begin_forward(
+        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        """`input_ids` [B, n]: the token ids fed, when the forward pass was given ids (not embeddings)."""
         self._cache = cache
 
     def end_forward(self) -> None:
@@ -218,7 +222,12 @@ class Session:
 
 
 class CompressionSession(Session):
-    """Compresses the prompt's cache with `method`, layer by layer, during the prefill."""
+    """Compresses the prompt's cache with `method`, layer by layer, during the prefill.
+
+    A method whose scores need the whole prefill first (KVzip's reconstruction pass, which runs the
+    model again over every layer) is applied once the prefill's forward pass ends instead: every
+    layer then holds its full cache until all of them are compressed.
+    """
 
     handles_prefill = True
 
@@ -228,13 +237,20 @@ class CompressionSession(Session):
         method: CompressionMethod,
         chunk_size: int = DEFAULT_CHUNK,
         hold_budget: bool = False,
+        tokenizer=None,
     ) -> None:
         if not isinstance(method, CompressionMethod):
             raise TypeError(f"method must be a kvmerger CompressionMethod, got {type(method).__name__}")
         super().__init__(model, chunk_size, hold_method=method if hold_budget else None)
         self.method = method
+        self.tokenizer = tokenizer
+        self.defers = method.needs_reconstruction()
         self.reports: list[CompressionReport] = []
         self._building: CompressionReport | None = None
+        self._rotary = rotary_tables(model)
+        self._context = ScoreContext()
+        self._input_ids: torch.Tensor | None = None
+        self._deferred: list[tuple[CompressedLayer, int, PrefillAttention]] = []
 
     @property
     def report(self) -> CompressionReport:
@@ -243,9 +259,14 @@ class CompressionSession(Session):
             raise RuntimeError("nothing was compressed yet: no prompt of more than one token went through the model")
         return self.reports[-1]
 
-    def begin_forward(self, cache: CompressedCache | None, query_length: int | None) -> None:
-        super().begin_forward(cache, query_length)
+    def begin_forward(
+        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        super().begin_forward(cache, query_length, input_ids)
         self._building = None
+        self._input_ids = input_ids
+        self._context = ScoreContext(rotary=self._rotary)
+        self._deferred = []
         if self.hold_method is not None and query_length == 1 and cache is not None and cache.get_seq_length() == 0:
             warnings.warn(
                 "kvmerger: this prompt has one token: nothing to compress and no budget to hold, so its cache "
@@ -254,12 +275,21 @@ class CompressionSession(Session):
             )
 
     def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
+        if self.defers:
+            self._deferred.append((layer, layer_idx, attention))
+        else:
+            self._compress(layer, layer_idx, attention)
+
+    def _compress(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
         key, value = attention.key, attention.value
-        scores = LayerScores(attention.query, key, attention.scaling, self.chunk_size, attention.lse)
+        scores = LayerScores(
+            attention.query, key, attention.scaling, self.chunk_size, attention.lse,
+            layer_idx=layer_idx, context=self._context,
+        )
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
-            layer.hold = SlotMeta.after_compression(output, scores.aggregated_attention(), key.shape[-2])
+            layer.hold = SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2])
         if self._building is None:
             self._building = CompressionReport(method=self.method.describe())
         self._building.layers.append(layer_report)
@@ -267,10 +297,25 @@ class CompressionSession(Session):
     def end_forward(self) -> None:
         cache = self._cache
         super().end_forward()
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self._context.reconstruction = self._reconstruction(cache)
+            for layer, layer_idx, attention in deferred:
+                self._compress(layer, layer_idx, attention)
         if self._building is not None:
             self._building.kept_layers = kept_layers(cache)
             self.reports.append(self._building)
             self._building = None
+
+    def _reconstruction(self, cache: CompressedCache):
+        from kvmerger.engine.reconstruction import Reconstruction
+
+        if self._input_ids is None:
+            raise ValueError(
+                f"{self.method.label()} scores tokens by reconstructing the prompt from its token ids; "
+                "feed input_ids, not inputs_embeds"
+            )
+        return Reconstruction(self.model, cache, self._input_ids, self.tokenizer)
 
 
 class RecordingSession(Session):
@@ -408,6 +453,7 @@ def compress(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     hold_budget: bool = False,
+    tokenizer=None,
 ) -> SessionBlock[CompressionSession]:
     """Compress the KV cache of every prompt `model` prefills inside the block.
 
@@ -415,6 +461,8 @@ def compress(
     new token is appended, and whenever a layer holds more slots than its budget the method's
     `hold_budget` rule shrinks it back (H2O's eviction by default). A one-token prompt has nothing
     to compress and no budget to hold: it is left as it is, with a `UserWarning` when holding.
+    `tokenizer`: the model's, for methods scored by reconstructing the prompt (KVzip's score; loaded
+    from the model's folder when not given).
 
     A prompt whose keys, values or query states hold NaN or inf in some layer (an overflowing
     float16 model, a corrupted checkpoint) raises `NonFiniteCacheError` naming the layer; the model
@@ -425,7 +473,7 @@ def compress(
     >>> print(session.report.summary())
     """
     check_supported(model)
-    return SessionBlock(model, CompressionSession(model, method, chunk_size, hold_budget), "compress")
+    return SessionBlock(model, CompressionSession(model, method, chunk_size, hold_budget, tokenizer), "compress")
 
 
 def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> SessionBlock[Session]:
@@ -462,8 +510,16 @@ class Prefill:
 
 
 @torch.no_grad()
-def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Prefill:
-    """Prefill `input_ids` once with the full cache and keep what compression needs."""
+def record_prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, tokenizer=None
+) -> Prefill:
+    """Prefill `input_ids` once with the full cache and keep what compression needs.
+
+    Every score source is available to the methods compressing it; KVzip's reconstruction pass
+    runs on the first request (it needs `tokenizer`, loaded from the model's folder if not given).
+    """
+    from kvmerger.engine.reconstruction import Reconstruction
+
     check_supported(model)
     if input_ids.shape[-1] < 2:
         raise ValueError("a prompt to compress needs at least two tokens")
@@ -476,9 +532,12 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
     seconds = time.perf_counter() - start
     attention = [session.attention.get(i) for i in range(len(cache.layers))]
     queries = [None if layer is None else layer.query for layer in attention]
+    context = ScoreContext(rotary_tables(model), Reconstruction(model, cache, input_ids, tokenizer))
     scores = [
-        None if layer is None else LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse)
-        for layer in attention
+        None
+        if layer is None
+        else LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse, layer_idx=index, context=context)
+        for index, layer in enumerate(attention)
     ]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
@@ -505,7 +564,7 @@ def compress_prefill(
         layers.append((output.keys, output.values, output.bias))
         report.layers.append(layer_report)
         if hold_budget:
-            metas[index] = SlotMeta.after_compression(output, scores.aggregated_attention(), prefill.length)
+            metas[index] = SlotMeta.after_compression(output, method.attention_received(scores), prefill.length)
     cache = CompressedCache.from_tensors(layers, seen_tokens=prefill.length)
     report.kept_layers = kept_layers(cache)
     for index, meta in metas.items():

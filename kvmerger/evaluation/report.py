@@ -263,6 +263,29 @@ def results_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def question_table(records: Iterable[dict[str, Any]]) -> str:
+    """Markdown: for tasks with several questions per context (compress once, ask many), the mean score
+    of each question, in the order the task asks them, per task, protocol, method and budget ("" if none)."""
+    scores: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    names: dict[tuple, str] = {}
+    for record in records:
+        for number, question in enumerate(record.get("questions") or [], start=1):
+            key = (record["task"], record["protocol"], record["method_label"], record["budget"])
+            names[key] = record["method"]
+            scores[key][number].append(float(question["score"]))
+    if not scores:
+        return ""
+    count = max(max(per_question) for per_question in scores.values())
+    header = ["task", "protocol", "method", "budget", *(f"question {n}" for n in range(1, count + 1))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ordered = sorted(scores, key=lambda k: (k[0], k[1], method_order(k[2], names[k]), -k[3]))
+    for task, protocol, label, budget in ordered:
+        per_question = scores[(task, protocol, label, budget)]
+        cells = [f"{statistics.fmean(per_question[n]):.2f}" if n in per_question else "" for n in range(1, count + 1)]
+        lines.append("| " + " | ".join([task, protocol, label, f"{budget:g}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Where KVMerger wins and loses
 # --------------------------------------------------------------------------------------------
@@ -328,7 +351,9 @@ def _listing(items: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Path, info: dict[str, Any]) -> str:
+def report_markdown(
+    rows: list[Row], figures: list[tuple[str, Path]], folder: Path, info: dict[str, Any], per_question: str = ""
+) -> str:
     lines = [f"# {info.get('title', 'KV cache compression: quality at a budget')}", ""]
     model = info.get("model", {})
     if model:
@@ -360,6 +385,17 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
             f"Samples per method and budget: {_sample_counts(rows)}. With n samples a score moves in steps of 1/n, so "
             "small differences on retrieval tasks are within noise; the language-modelling numbers are the "
             "finer signal.",
+        ]
+    if per_question:
+        lines += [
+            "",
+            "## Per question",
+            "",
+            "Tasks with several questions over one context: the mean score of each question, in the order the "
+            "task asks them. Query-agnostic: the context compressed once, each question answered from its own copy "
+            "of that compressed cache (compress once, ask many); query-aware: one prefill per question.",
+            "",
+            per_question,
         ]
     lines += ["", "## Figures", ""]
     for title, path in figures:
@@ -444,5 +480,5 @@ def write_outputs(folder: Path, info: dict[str, Any] | None = None) -> Outputs:
     summary = folder / "summary.csv"
     write_atomically(summary, summary_csv(rows))
     report = folder / "report.md"
-    write_atomically(report, report_markdown(rows, figures, folder, info))
+    write_atomically(report, report_markdown(rows, figures, folder, info, question_table(records)))
     return Outputs(rows, results_table(rows), summary, report, figures)

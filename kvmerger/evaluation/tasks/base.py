@@ -7,18 +7,29 @@ Samples are deterministic for a seed and sized with the model's own tokenizer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 TASKS: dict[str, type[Task]] = {}
 
 
 @dataclass
+class Question:
+    """One question over a sample's context, with its reference answers."""
+
+    question: str
+    answers: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Sample:
-    """One question over one context.
+    """One or more questions over one context.
 
     Query-aware protocol: `context + question` is prefilled and compressed, then the answer is
-    generated. Query-agnostic: `context` is prefilled and compressed first, `question` comes after.
+    generated (once per question). Query-agnostic (compress once, ask many): `context` is prefilled
+    and compressed once, then every question is asked from its own copy of that compressed cache.
+    `question` and `answers` are the first question; `more` holds the others of multi-question tasks.
     """
 
     task: str
@@ -26,6 +37,15 @@ class Sample:
     question: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    more: list[Question] = field(default_factory=list)
+
+    def questions(self) -> list[Question]:
+        """Every question of the sample, the first one first."""
+        return [Question(self.question, self.answers), *self.more]
+
+    def asking(self, question: Question) -> Sample:
+        """This context with `question` as its only question (what a task scores an answer against)."""
+        return replace(self, question=question.question, answers=question.answers, more=[])
 
 
 @dataclass
