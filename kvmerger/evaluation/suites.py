@@ -1,27 +1,25 @@
 """Named suites: which methods, tasks, lengths and sample counts `kvmerger compare` runs.
 
 `compare` is sized to finish in under 15 minutes on a 2-core CPU with the default model
-(SmolLM2-135M-Instruct), for the full cache, KVMerger and the baselines of docs/METHOD.md
-section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-norm, random) at budgets 0.5 and 0.35. What
-costs time is one prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k there),
-one pass of attention statistics per sample (about 0.4-0.6 of a prefill, shared by every method
-through the memo), then per method and budget a compression (0.02-0.5 s) and the answer's decoding
-(about 50 ms per token; a pass key takes ~6 steps, the needle's answer ~13, and the language-
-modelling continuation is one forward pass of 256 tokens). So the sample count matters more than
-the method count, and the suite keeps few, informative samples:
+(SmolLM2-135M-Instruct), for the full cache, KVMerger (the paper's) and its best variant, and the
+baselines of docs/METHOD.md section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-norm, random) plus
+KVzip and Expected Attention, at budgets 0.5 and 0.35, under both protocols. What costs time is one
+prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k there), one pass of
+attention statistics per sample (about 0.25-0.6 of a prefill, shared by every method through the
+memo), KVzip's reconstruction (about two prefills per sample, shared by the methods that use it),
+the fitted merge's least-squares fits (about one prefill per sample and budget), then per method
+and budget a compression (0.02-0.5 s) and the answer's decoding (about 50 ms per token). So the
+sample count matters more than the method count, and the suite keeps few, informative samples:
 
-* passkey: 5 depths at 2,048 tokens (plain completion prompt).
-* needle: 1,024, 2,048 and 4,096 tokens x 5 depths (0, 25, 50, 75, 100%), the heatmap grid.
+* passkey: 5 depths at 2,048 tokens (plain completion prompt), query-aware.
+* needle: 1,024, 2,048 and 4,096 tokens x 3 depths (0, 50, 100%), query-aware.
 * lm: 4 windows (2 of essays, 2 of Shakespeare) of 2,048 prefix tokens, the next 256 tokens scored.
+* passkey:keys=3: 3 prompts at 2,048 tokens holding three pass keys, compressed once before any
+  question (query-agnostic), then each key asked on its own copy of the compressed cache.
 
-Estimated from those costs: passkey ~65 s, needle ~340 s, lm ~75 s, loading and figures ~15 s,
-about 8 minutes in all (17 method x budget variants, 24 prefills). Methods beyond the paper's
-comparison set are left out of the default because they cost more than the whole rest: the
-fitted ones (attention-matching, fitted-kvmerger) solve least-squares problems per layer and head,
-measured at about 3.4 and 1.9 prefills per 2k-token sample for the two budgets together, which
-would take the suite to about 20 minutes. `--methods all` runs every registered method.
-
-All under the query-aware protocol (the paper's); `kvmerger eval --protocol both` runs the other.
+The needle grid had 5 depths before KVzip, Expected Attention, the fitted variant and the
+compress-once task joined; two were dropped (samples, not tasks or methods) to stay within 15
+minutes. `--methods all` runs every registered method.
 `quick` is the same pipeline at toy sizes, to check an installation or a change end to end.
 """
 
@@ -34,11 +32,23 @@ from kvmerger.evaluation.runner import MethodSpec, RunSettings, TaskPlan
 from kvmerger.methods import METHODS
 
 PAPER_COMPARISON = ("full", "kvmerger", "streaming-llm", "h2o", "cam", "snapkv", "tova", "knorm", "random")
+# KVMerger's best variant at a small budget (docs/BENCHMARKS.md section 7, chosen on seed 1 and other
+# texts than the ones compare reports): the fitted merge, its pivots and protected tokens ranked by
+# the aggregated attention and SnapKV's window together, 40% of the budget protected as recent tokens
+# and 50% as top-scored ones.
+BEST_VARIANT = ("fitted-kvmerger", {"score": "aggregated+window", "recent_share": 0.4, "topk_share": 0.5})
+SCORE_BASELINES = ("kvzip", "expected-attention")
 
 
 def paper_comparison() -> list[MethodSpec]:
     """The full cache, KVMerger and the baselines of docs/METHOD.md section 4 (those registered)."""
     return [MethodSpec(name) for name in PAPER_COMPARISON if name in METHODS]
+
+
+def compare_methods() -> list[MethodSpec]:
+    """The paper's comparison, KVMerger's best variant, KVzip and Expected Attention."""
+    extra = [MethodSpec(*BEST_VARIANT)] + [MethodSpec(name) for name in SCORE_BASELINES if name in METHODS]
+    return paper_comparison()[:2] + extra[:1] + paper_comparison()[2:] + extra[1:]
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class Suite:
     tasks: tuple[SuiteTask, ...]
     budgets: tuple[float, ...] = (0.5, 0.35)
     protocols: tuple[str, ...] = ("query-aware",)
+    methods: tuple[MethodSpec, ...] | None = None  # None: paper_comparison()
 
     def settings(
         self, methods: Iterable[MethodSpec] | None = None, budgets: Iterable[float] | None = None, seed: int = 0
@@ -63,7 +74,7 @@ class Suite:
         plans = [TaskPlan.parse(item.task, item.lengths, item.samples, protocols=item.protocols) for item in self.tasks]
         return RunSettings(
             plans=plans,
-            methods=list(methods) if methods is not None else paper_comparison(),
+            methods=list(methods) if methods is not None else list(self.methods or paper_comparison()),
             budgets=list(budgets) if budgets is not None else list(self.budgets),
             protocols=list(self.protocols),
             seed=seed,
@@ -72,13 +83,16 @@ class Suite:
 
 COMPARE = Suite(
     "compare",
-    "pass key at 2k tokens x 5 depths, needle grid 1k/2k/4k x 5 depths, language modelling on 4 windows of "
-    "2k tokens + 256",
+    "pass key at 2k tokens x 5 depths, needle grid 1k/2k/4k x 3 depths, language modelling on 4 windows of "
+    "2k tokens + 256 (query-aware); three pass keys in 2k tokens x 3, compressed once and asked one at a time "
+    "(query-agnostic)",
     (
         SuiteTask("passkey", (2048,), 5),
-        SuiteTask("needle", (1024, 2048, 4096), 5),
+        SuiteTask("needle", (1024, 2048, 4096), 3),
         SuiteTask("lm", (2048,), 4),
+        SuiteTask("passkey:keys=3", (2048,), 3, protocols=("query-agnostic",)),
     ),
+    methods=tuple(compare_methods()),
 )
 
 QUICK = Suite(

@@ -1,0 +1,25 @@
+"""The suites `kvmerger compare` runs: both protocols, KVMerger's best variant next to the paper's, and
+the score-based baselines; `--methods` still replaces the suite's methods."""
+
+from __future__ import annotations
+
+from kvmerger.evaluation.runner import MethodSpec
+from kvmerger.evaluation.suites import BEST_VARIANT, COMPARE, PAPER_COMPARISON, QUICK
+
+
+def test_compare_runs_both_protocols_with_the_best_variant_and_the_score_baselines():
+    settings = COMPARE.settings()
+    names = [spec.name for spec in settings.methods]
+    assert names[:3] == ["full", "kvmerger", "fitted-kvmerger"]
+    assert set(PAPER_COMPARISON) | {"kvzip", "expected-attention"} <= set(names)
+    variant = settings.methods[2]
+    assert variant.params == BEST_VARIANT[1] and variant.variants([0.35])[0].score == "aggregated+window"
+    protocols = {plan.task.name: plan.protocols for plan in settings.plans if plan.protocols}
+    assert protocols == {"passkey": ("query-agnostic",)}
+    assert [plan.task.keys for plan in settings.plans if plan.task.name == "passkey"] == [1, 3]
+
+
+def test_given_methods_replace_the_suites_own():
+    settings = COMPARE.settings([MethodSpec("h2o")], [0.5])
+    assert [spec.name for spec in settings.methods] == ["h2o"] and settings.budgets == [0.5]
+    assert [spec.name for spec in QUICK.settings().methods] == list(PAPER_COMPARISON)
