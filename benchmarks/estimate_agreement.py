@@ -27,13 +27,12 @@ import torch
 
 from kvmerger import get_method, load_model, record_prefill
 from kvmerger.engine.scoring import (
-    ESTIMATE_BAND, ESTIMATE_LAST, LayerScores, aggregated_attention_estimated, estimate_stride,
+    ESTIMATE_BAND, ESTIMATE_LAST, aggregated_attention_estimated, estimate_stride,
 )
 from kvmerger.evaluation.texts import shakespeare
-from kvmerger.methods.base import LayerInput
 
 from measure import RESULTS, describe_machine, machine, median, median_ratio, minutes, write_results  # noqa: E402
-from statistic_agreement import kept_mask  # noqa: E402
+from statistic_agreement import shared_slots  # noqa: E402
 
 
 def tail_ids(tokenizer, length: int) -> torch.Tensor:
@@ -46,25 +45,15 @@ def tail_ids(tokenizer, length: int) -> torch.Tensor:
 
 
 def same_share(prefill, methods: list, estimates: list[torch.Tensor], exacts: list[torch.Tensor]) -> dict[str, float]:
-    """Per method label: slots kept from both statistics / slots kept from the exact one, all layers."""
+    """Per method label: tokens kept from both statistics / tokens kept from the exact one, all layers."""
     layers = len(prefill.scores)
     same = {m.label(): 0 for m in methods}
     total = dict.fromkeys(same, 0)
     for index, layer in enumerate(prefill.cache.layers):
-        length = layer.keys.shape[-2]
         for method in methods:
-            slots = method.target_slots(length)
-            masks = [
-                kept_mask(
-                    method.compress(
-                        LayerInput(layer.keys, layer.values, LayerScores.precomputed(layer.keys, aggregated=a), index, layers, slots)
-                    ).positions,
-                    length,
-                )
-                for a in (estimates[index], exacts[index])
-            ]
-            same[method.label()] += int((masks[0] & masks[1]).sum())
-            total[method.label()] += int(masks[1].sum())
+            both, kept = shared_slots(layer, index, layers, method, estimates[index], exacts[index])
+            same[method.label()] += both
+            total[method.label()] += kept
     return {label: same[label] / total[label] for label in same}
 
 

@@ -32,6 +32,23 @@ def kept_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     return mask.scatter_(2, positions.clamp_min(0), True)
 
 
+def shared_slots(layer, index: int, layers: int, method, candidate: torch.Tensor, reference: torch.Tensor) -> tuple[int, int]:
+    """(tokens kept from both statistics, tokens kept from `reference`) by `method` on one cache layer."""
+    length = layer.keys.shape[-2]
+    slot_bytes = layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+    slots = method.target_slots(length, slot_bytes)
+    masks = [
+        kept_mask(
+            method.compress(
+                LayerInput(layer.keys, layer.values, LayerScores.precomputed(layer.keys, aggregated=a), index, layers, slots)
+            ).positions,
+            length,
+        )
+        for a in (candidate, reference)
+    ]
+    return int((masks[0] & masks[1]).sum()), int(masks[1].sum())
+
+
 def agreement(prefill, methods: list) -> tuple[float, dict[str, float]]:
     """(largest relative error of the fused statistic over all layers, per method label: share of
     the slots chosen from the exact statistic that the fused one also keeps)."""
@@ -45,21 +62,10 @@ def agreement(prefill, methods: list) -> tuple[float, dict[str, float]]:
         fused = scores.aggregated_attention()
         exact = LayerScores(scores.query, scores.key, scores.scaling).aggregated_attention()
         worst = max(worst, float(((fused - exact).abs() / exact).max()))
-        length = layer.keys.shape[-2]
-        slot_bytes = layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
         for method in methods:
-            slots = method.target_slots(length, slot_bytes)
-            masks = [
-                kept_mask(
-                    method.compress(
-                        LayerInput(layer.keys, layer.values, LayerScores.precomputed(layer.keys, aggregated=a), index, layers, slots)
-                    ).positions,
-                    length,
-                )
-                for a in (fused, exact)
-            ]
-            same[method.label()] += int((masks[0] & masks[1]).sum())
-            total[method.label()] += int(masks[1].sum())
+            both, kept = shared_slots(layer, index, layers, method, fused, exact)
+            same[method.label()] += both
+            total[method.label()] += kept
     return worst, {label: same[label] / total[label] for label in same}
 
 

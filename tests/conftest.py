@@ -147,3 +147,13 @@ class CharTokenizer:
             input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
 
         return Encoding()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: thousands of tiny tensor operations, where a second OpenMP
+    thread only adds synchronisation (and a Ray worker of 1 CPU computes the same arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

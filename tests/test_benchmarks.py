@@ -23,6 +23,7 @@ import kvpress_side  # noqa: E402
 import measure  # noqa: E402
 import memory  # noqa: E402
 import overhead  # noqa: E402
+import estimate_agreement  # noqa: E402
 import statistic_agreement  # noqa: E402
 
 from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
@@ -389,6 +390,15 @@ def test_statistic_agreement_finds_float32_exact_and_the_same_slots(tiny_llama, 
     worst, shares = statistic_agreement.agreement(prefill, [get_method("h2o", budget=0.5), get_method("cam", budget=0.35)])
     assert worst <= 1e-4
     assert shares == {"h2o@0.5": 1.0, "cam@0.35": 1.0}
+
+
+def test_estimate_agreement_counts_the_slots_both_statistics_keep(tiny_llama, random_ids):
+    prefill = record_prefill(tiny_llama, random_ids)
+    methods = [get_method("h2o", budget=0.5)]
+    exacts = [scores.aggregated_attention("exact") for scores in prefill.scores]
+    assert estimate_agreement.same_share(prefill, methods, exacts, exacts) == {"h2o@0.5": 1.0}
+    reversed_ranks = [exact.flip(-1) for exact in exacts]  # keeps the other end of the prompt
+    assert estimate_agreement.same_share(prefill, methods, reversed_ranks, exacts)["h2o@0.5"] < 0.9
 
 
 def test_statistic_agreement_refuses_prompts_that_take_the_chunked_pass(tiny_llama, random_ids):

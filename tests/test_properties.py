@@ -42,13 +42,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny tensor operations: a second OpenMP thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @st.composite

@@ -35,12 +35,7 @@ def build(name: str, params: dict, budget: float):
     return METHODS[name](budget=FIXED_BUDGET.get(name, budget), **params)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
