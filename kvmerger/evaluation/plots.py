@@ -4,6 +4,8 @@
   dashed reference line.
 * `lm_<task>.png`: language modelling, KL from the full cache and perplexity against budget (the
   full cache's perplexity as the reference line).
+* `lm_tail_<task>.png`: language modelling, the worst token's KL (solid) and the mean KL (dotted, the
+  same colour) against budget, and the share of tokens whose top-1 prediction changed.
 * `needle_<method>_<protocol>.png`: for the needle task, one heatmap per budget of the method:
   context length (rows) x needle depth (columns), the mean score in each cell.
 """
@@ -51,6 +53,10 @@ def write_figures(records: list[dict[str, Any]], rows: list[Row], folder: Path) 
         if task_rows[0].is_language_modeling:
             title = f"{task}: KL from the full cache and perplexity vs budget"
             figures.append((title, save(language_modeling_figure(task_rows, title), folder / f"lm_{safe_name(task)}.png")))
+            if all(row.kl_max is not None for row in task_rows):
+                title = f"{task}: the worst token's KL beside the mean, and top-1 changes vs budget"
+                path = folder / f"lm_tail_{safe_name(task)}.png"
+                figures.append((title, save(language_modeling_tail_figure(task_rows, title), path)))
         else:
             title = f"{task} ({protocol}): score vs budget"
             path = folder / f"score_{safe_name(task)}_{safe_name(protocol)}.png"
@@ -126,6 +132,30 @@ def language_modeling_figure(rows: list[Row], title: str) -> Figure:
         _budget_axis(axes, rows)
         axes.grid(alpha=0.3)
     ppl_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def language_modeling_tail_figure(rows: list[Row], title: str) -> Figure:
+    """Worst-token KL (solid) over mean KL (dotted) per method, and the share of changed top-1 predictions."""
+    figure = Figure(figsize=(10.5, 4.0))
+    kl_axes, changed_axes = figure.subplots(1, 2)
+    lines, _ = _lines(rows)
+    for index, (label, points) in enumerate(lines.items()):
+        budgets, style = [p.budget for p in points], _style(index, label)
+        kl_axes.plot(budgets, [p.kl_max for p in points], label=label, **style)
+        kl_axes.plot(budgets, [p.kl for p in points], **{**style, "linestyle": ":", "linewidth": 1.0, "marker": None})
+        changed_axes.plot(budgets, [100 * p.top1_changed for p in points], label=label, **style)
+    kls = [value for points in lines.values() for p in points for value in (p.kl, p.kl_max)]
+    if kls and min(kls) > 0:
+        _log_axis(kl_axes, min(kls), max(kls))
+    kl_axes.set_ylabel("KL(full || compressed), nats: worst token (solid), mean (dotted)")
+    changed_axes.set_ylabel("tokens whose top-1 prediction changed, %")
+    for axes in (kl_axes, changed_axes):
+        axes.set_xlabel("budget")
+        _budget_axis(axes, rows)
+        axes.grid(alpha=0.3)
+    changed_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.suptitle(title, fontsize=10)
     return figure
 

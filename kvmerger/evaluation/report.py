@@ -2,11 +2,14 @@
 
 * `summarize(records)`: one row per (task, protocol, method, budget): the number of cells, the
   mean score and its standard error, for language modelling the perplexity (exp of the mean NLL
-  over all scored tokens), the mean KL to the full cache and the top-1 agreement, the mean memory
+  over all scored tokens), the mean KL to the full cache and the top-1 agreement, and the KL's tail
+  (`kl_p99`: mean of the windows' 99th percentiles; `kl_max`: the worst token of all windows;
+  `top1_changed`: mean share of tokens whose top-1 prediction changed), the mean memory
   ratio, and the mean seconds of scoring, compressing and decoding per cell. The scoring seconds
   are those of the attention statistics, computed once per sample and shared: they are counted in
   the first cell of the sample that asked for them.
-* `report_markdown`: the results table (method x task), the figures, and plain sentences on where
+* `report_markdown`: the results table (method x task), for language modelling a table of the KL's
+  tail beside its mean, the figures, and plain sentences on where
   KVMerger wins and where it loses against the best other method at each budget. Differences in
   scores smaller than the standard errors are called ties, not wins. Language modelling is judged
   by the KL to the full cache (fidelity); its perplexity is shown but not judged, since a
@@ -40,6 +43,9 @@ SUMMARY_COLUMNS = [
     "perplexity",
     "kl",
     "top1_agreement",
+    "kl_p99",
+    "kl_max",
+    "top1_changed",
     "memory_ratio",
     "scoring_ms",
     "compressing_ms",
@@ -66,6 +72,9 @@ class Row:
     scoring_ms: float
     compressing_ms: float
     decoding_ms: float
+    kl_p99: float | None = None  # mean over windows of each window's 99th percentile of per-token KL
+    kl_max: float | None = None  # the worst token's KL over all windows
+    top1_changed: float | None = None  # mean share of tokens whose top-1 prediction changed
 
     @property
     def is_language_modeling(self) -> bool:
@@ -128,7 +137,21 @@ def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
         scoring_ms=1e3 * statistics.fmean(cell["seconds"]["scoring"] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
+        **(_kl_tail(cells) if language_modeling else {}),
     )
+
+
+def _kl_tail(cells: list[dict[str, Any]]) -> dict[str, float | None]:
+    """kl_p99 (mean of the windows' 99th percentiles), kl_max (the worst token of all windows) and
+    top1_changed (mean share); None for records written before these metrics existed."""
+    metrics = [cell["metrics"] for cell in cells]
+    if not all("kl_max" in metric for metric in metrics):
+        return {}
+    return {
+        "kl_p99": statistics.fmean(metric["kl_p99"] for metric in metrics),
+        "kl_max": max(metric["kl_max"] for metric in metrics),
+        "top1_changed": statistics.fmean(metric["top1_changed"] for metric in metrics),
+    }
 
 
 def summary_csv(rows: list[Row]) -> str:
@@ -206,6 +229,20 @@ def results_table(rows: list[Row]) -> str:
                 memory.append(row.memory_ratio)
         memory_text = f"{statistics.fmean(memory):.0%}" if memory else ""
         lines.append("| " + " | ".join([label, f"{budget:g}", *cells, memory_text]) + " |")
+    return "\n".join(lines)
+
+
+def kl_tail_table(rows: list[Row]) -> str:
+    """A Markdown table of the language-modelling rows: the mean KL beside its tail (99th percentile
+    and worst token) and the share of tokens whose top-1 prediction changed; empty if there are none."""
+    tail = [row for row in rows if row.is_language_modeling and row.kl_max is not None]
+    if not tail:
+        return ""
+    header = ["task", "method", "budget", "mean KL", "KL p99", "worst-token KL", "top-1 changed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in tail:
+        numbers = [f"{row.kl:.4f}", f"{row.kl_p99:.3f}", f"{row.kl_max:.3f}", f"{row.top1_changed:.1%}"]
+        lines.append("| " + " | ".join([row.task, row.method, f"{row.budget:g}", *numbers]) + " |")
     return "\n".join(lines)
 
 
@@ -295,6 +332,7 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
         "",
         results_table(rows),
         "",
+        *_kl_tail_section(rows),
         "## Where KVMerger wins and loses",
         "",
     ]
@@ -318,6 +356,22 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
         lines += [f"### {title}", "", f"![{alt}]({path.relative_to(folder).as_posix()})", ""]
     lines += ["## Files", "", "* `records.jsonl`: one record per cell, with its provenance", "* `summary.csv`: the rows above, with timings", ""]
     return "\n".join(lines)
+
+
+def _kl_tail_section(rows: list[Row]) -> list[str]:
+    table = kl_tail_table(rows)
+    if not table:
+        return []
+    return [
+        "## Language modelling: the worst token, not only the mean",
+        "",
+        "Per-token KL from the full cache (nats): the mean, the 99th percentile (mean over windows) and the "
+        "worst token of all windows; top-1 changed is the share of tokens whose most likely next token differs "
+        "from the full cache's (mean over windows). A mean over a few windows hides a single absurd prediction.",
+        "",
+        table,
+        "",
+    ]
 
 
 def _sample_counts(rows: list[Row]) -> str:
