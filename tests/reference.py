@@ -42,11 +42,15 @@ def kvmerger_row(
     keys = keys.astype(np.float64)
     values = values.astype(np.float64)
 
-    # 1. protected tokens
-    protected = set(range(length - n_recent, length))
-    others = [t for t in range(length) if t not in protected]
+    # 1. protected tokens (exact mode: as many of the top-k as leave every unprotected run a slot)
+    recent = set(range(length - n_recent, length))
+    others = [t for t in range(length) if t not in recent]
     others.sort(key=lambda t: (-float(attention[t]), -t))
-    protected |= set(others[:n_topk])
+    for k in range(n_topk, -1, -1):
+        protected = recent | set(others[:k])
+        runs = sum(1 for t in range(length) if t not in protected and (t == 0 or t - 1 in protected))
+        if mode != "exact" or slots >= length or len(protected) + runs <= slots:
+            break
 
     # 2. merging sets: pairs (t, t+1) of unprotected neighbours
     similarity = [cosine(keys[t], keys[t + 1]) for t in range(length - 1)]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kvmerger import METHODS, compress
-from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, slots_for_budget
+from tests.conftest import CharTokenizer, standalone_scores
 
 BUDGETS = [0.1, 0.35, 0.5, 1.0]
 TINY_SLOT_BYTES = 2 * 16 * 4  # the tiny Llama's key and value per slot and KV head: head dim 16, float32
@@ -57,7 +57,7 @@ def random_layer(length: int, budget: float, dtype: torch.dtype, seed: int = 0) 
     query = (torch.randn(batch, q_heads, length, dim, generator=generator) * 2).to(dtype)
     keys = (torch.randn(batch, kv_heads, length, dim, generator=generator).cumsum(2) * 0.5).to(dtype)
     values = torch.randn(batch, kv_heads, length, dim, generator=generator).to(dtype)
-    scores = LayerScores(query, keys, dim**-0.5)
+    scores = standalone_scores(query, keys, dim**-0.5)
     return LayerInput(keys, values, scores, layer_idx=1, num_layers=3, slots=slots_for_budget(length, budget)), query
 
 
@@ -105,7 +105,7 @@ def test_the_listed_exceptions_are_real():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_compresses_a_prompt_and_generates(tiny_llama, random_ids, name):
     method = build(name, 0.35)
-    with torch.no_grad(), compress(tiny_llama, method) as session:
+    with torch.no_grad(), compress(tiny_llama, method, tokenizer=CharTokenizer()) as session:
         out = tiny_llama.generate(
             random_ids,
             max_new_tokens=8,
@@ -129,7 +129,7 @@ def test_every_method_holds_its_budget_for_300_generated_tokens(tiny_llama, rand
     method = build(name, 0.5)
     prompt = random_ids[:, :40]
     target = method.target_slots(40, TINY_SLOT_BYTES)
-    with torch.no_grad(), compress(tiny_llama, method, hold_budget=True):
+    with torch.no_grad(), compress(tiny_llama, method, hold_budget=True, tokenizer=CharTokenizer()):
         out = tiny_llama(prompt)
         cache = out.cache
         assert cache.slots() == [target] * 3

@@ -496,7 +496,8 @@ def test_every_baseline_is_registered_by_name_with_a_summary():
 
 def test_kvmerger_methods_lists_every_baseline(capsys):
     assert cli_main(["methods"]) == 0
-    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.split(":")[0]: line for line in lines if line and not line.startswith(" ")}
     for name in BASELINES:
         assert METHODS[name].summary in listed[name]
 

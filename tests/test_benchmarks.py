@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import attention_share  # noqa: E402
 import decode_speed  # noqa: E402
+import finite_check  # noqa: E402
 import gpu_check  # noqa: E402
 import kvpress_compare  # noqa: E402
 import kvpress_side  # noqa: E402
@@ -102,6 +103,20 @@ def test_fresh_statistics_make_every_method_pay_its_own_scoring(tiny_llama, rand
     assert report.seconds_scoring > 0
     for a, b in zip(first.layers, again.layers):
         torch.testing.assert_close(a.keys, b.keys)
+
+
+# --------------------------------------------------------------------------------------------
+# finite_check.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_finite_check_measures_every_method_and_a_decode_step(tiny_llama, random_ids):
+    methods = [get_method("kvmerger", budget=0.5), get_method("streaming-llm", budget=0.5)]
+    rows = finite_check.measure(tiny_llama, random_ids, methods, repeats=2)
+    assert [row["method"] for row in rows] == ["kvmerger@0.5", "streaming-llm@0.5"]
+    assert all(row["check_ms"] > 0 and row["check_over_compress"] > 0 and row["repeats"] == 2 for row in rows)
+    decode = finite_check.measure_decode(tiny_llama, random_ids, get_method("h2o", budget=0.5), repeats=1, tokens=2)
+    assert 0 < decode["check_over_decode_step"] and decode["method"] == "h2o@0.5"
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,17 +77,35 @@ def test_summary_csv_numbers_are_the_means_of_the_records(results):
             assert float(row["kl"]) == pytest.approx(statistics.fmean(r["metrics"]["kl"] for r in cells), rel=1e-5)
     memory = {row["method"]: float(row["memory_ratio"]) for row in summary}
     assert memory == {"full": 1.0, "kvmerger": 0.5}
+    metrics = {row["task"]: row["metric"] for row in summary}
+    assert metrics == {"passkey": "contains_answer", "needle": "keyword_recall", "lm[continuation=64]": "top1_agreement"}
+
+
+def test_the_shared_statistics_are_reported_once_per_sample_and_charged_to_no_method(results):
+    _, records, summary = results
+    per_sample: dict[tuple, float] = {}
+    for r in records:
+        key = (r["task"], r["sample"])
+        per_sample[key] = per_sample.get(key, 0.0) + r["seconds"]["scoring"]
+    for task in {r["task"] for r in records}:
+        rows = [row for row in summary if row["task"] == task]
+        expected = 1e3 * statistics.fmean(seconds for (name, _), seconds in per_sample.items() if name == task)
+        assert {row["method"] for row in rows} == {"full", "kvmerger"}
+        for row in rows:  # the same number in every row of the task: it belongs to the samples
+            assert float(row["shared_scoring_ms"]) == pytest.approx(expected, rel=1e-4)
+    kvmerger_statistics = [r["seconds"]["scoring"] for r in records if r["method"] == "kvmerger"]
+    assert min(kvmerger_statistics) > 0  # kvmerger asks for the aggregated attention in every sample
 
 
 def test_figures_are_real_images_and_the_report_shows_them(results):
     folder, _, summary = results
     figures = sorted((folder / "figures").glob("*.png"))
     assert {path.name for path in figures} == {
-        "score_passkey_query-aware.png",
-        "score_needle_query-aware.png",
-        "lm_lm_continuation_64.png",
-        "needle_full_query-aware.png",
-        "needle_kvmerger_query-aware.png",
+        "passkey_query-aware_score_vs_budget.png",
+        "needle_query-aware_score_vs_budget.png",
+        "lm_continuation_64_kl_and_perplexity_vs_budget.png",
+        "needle_query-aware_full_score_by_length_and_depth.png",
+        "needle_query-aware_kvmerger_score_by_length_and_depth.png",
     }
     for path in figures:
         with Image.open(path) as image:

@@ -1,13 +1,19 @@
 """The evaluation runner on a tiny random model with a byte tokenizer: one prefill per sample and
-protocol, resume after an interruption without redoing or losing cells, a crash's truncated last
-line, provenance in every record, and the summary CSV and report computed from the records."""
+protocol, resume after an interruption (in process, and `kvmerger eval` killed with SIGKILL) without
+redoing or losing cells, a crash's truncated last line, provenance in every record, and the summary CSV
+and report computed from the records."""
 
 from __future__ import annotations
 
 import csv
 import datetime
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,8 @@ from kvmerger.evaluation.report import kl_tail_table, summarize, write_outputs
 from kvmerger.evaluation.runner import MethodSpec, Runner, RunSettings, TaskPlan, method_label
 from kvmerger.evaluation.tasks import get_task
 from tests.conftest import build_tiny
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 class ByteTokenizer:
@@ -118,7 +126,7 @@ def test_records_carry_their_provenance(finished):
     _, _, records = finished
     record = next(r for r in records if r["method"] == "kvmerger" and r["budget"] == 0.35)
     assert record["method_params"] == get_method_params("kvmerger", 0.35)
-    assert record["task_params"] == {"task": "passkey", "chat": False}
+    assert record["task_params"] == {"task": "passkey", "chat": False, "keys": 1}
     assert record["seed"] == 0 and record["protocol"] in ("query-aware", "query-agnostic")
     provenance = record["provenance"]
     assert provenance["versions"]["torch"] == torch.__version__
@@ -192,6 +200,62 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_cells(tiny, tmp_pa
     assert again.ran == 0 and again.skipped == CELLS
 
 
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny random Llama and a byte-level tokenizer, saved as a model folder `--model` accepts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    model = build_tiny("llama", vocab_size=len(vocab))
+    model.config.eos_token_id = model.generation_config.eos_token_id = vocab["<eos>"]
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_eval_killed_with_sigkill_resumes_without_losing_or_repeating_a_cell(tmp_path, capsys):
+    """A real `kvmerger eval` process, killed (SIGKILL: no handler runs) once a few cells are written."""
+    import kvmerger.cli.main as cli_main
+
+    samples, variants = 4, 5  # full, then kvmerger and streaming-llm at 2 budgets
+    out = tmp_path / "out"
+    argv = [
+        "eval", "--model", str(save_tiny_model(tmp_path / "model")), "--tasks", "lm:continuation=8",
+        "--methods", "full", "kvmerger", "streaming-llm", "--budgets", "0.5", "0.35", "--lengths", "160",
+        "--samples", str(samples), "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmerger.cli.main", *argv], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    records = out / "records.jsonl"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if records.is_file() and records.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    written = records.read_text()
+    finished = written[: written.rfind("\n") + 1].splitlines()  # a torn last line is the runner's to set aside
+    assert 3 <= len(finished) < samples * variants
+
+    assert cli_main.main(argv) == 0
+    assert f"{len(finished)} of {samples * variants} cells were already done" in capsys.readouterr().err
+    after = records.read_text().splitlines()
+    assert after[: len(finished)] == finished  # the cells finished before the kill, kept as they were
+    keys = [json.loads(line)["key"] for line in after]
+    assert len(keys) == len(set(keys)) == samples * variants
+
+
 def test_a_truncated_last_line_is_set_aside_and_its_cell_run_again(tiny, tmp_path, finished):
     folder, _, records = finished
     lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
@@ -257,8 +321,14 @@ def test_summary_csv_and_report_are_computed_from_the_records(finished):
     for title, path in outputs.figures:
         assert path.is_file() and f"]({path.relative_to(folder).as_posix()})" in report
     names = {path.name for _, path in outputs.figures}
-    assert {"score_passkey_query-aware.png", "score_passkey_query-agnostic.png", "lm_lm_continuation_8.png"} <= names
-    assert "lm_tail_lm_continuation_8.png" in names
+    assert {
+        "passkey_query-aware_score_vs_budget.png",
+        "passkey_query-agnostic_score_vs_budget.png",
+        "lm_continuation_8_kl_and_perplexity_vs_budget.png",
+    } <= names
+    metrics = {row["task"]: row["metric"] for row in rows}
+    assert metrics == {"passkey": "contains_answer", "lm[continuation=8]": "top1_agreement"}
+    assert "lm_continuation_8_worst_token_kl_and_top1_changes_vs_budget.png" in names
     assert "## Language modelling: the worst token, not only the mean" in report
     kvmerger_lm = next(row for row in rows if row["method"] == "kvmerger" and row["task"].startswith("lm"))
     line = f"| {kvmerger_lm['task']} | kvmerger | {kvmerger_lm['budget']} | {float(kvmerger_lm['kl']):.4f} | "

@@ -225,11 +225,28 @@ def test_bf16_result_matches_float32_closely():
 
 
 def test_protection_shrinks_when_it_leaves_no_room_and_says_so():
-    method = KVMerger(budget=0.5, recent_ratio=0.3, topk_ratio=0.19)
+    method = KVMerger(budget=0.5, recent_ratio=0.3, topk_ratio=0.19)  # 10 tokens: 3 recent, 1 top-k, 5 slots
     keys = torch.randn(1, 1, 10, 4)
-    out = method.compress(layer_input(keys, keys.clone(), torch.rand(1, 1, 10), method))
-    assert out.keys.shape[-2] == 5
-    assert out.notes["protection_shrunk"] and out.notes["n_topk"] < 1
+    attention = torch.tensor([[[0.1, 0.2, 0.1, 0.9, 0.1, 0.2, 0.1, 0.5, 0.5, 0.5]]])  # top token inside a run
+    out = method.compress(layer_input(keys, keys.clone(), attention, method))
+    assert out.keys.shape[-2] == 5  # 3 recent + 1 top-k + 2 runs would be 6
+    assert out.notes["protection_shrunk"] and out.notes["topk_kept_mean"] == 0
+
+
+def test_adjacent_heavy_hitters_stay_protected_when_they_fit():
+    """A top-k that sits together (a number's digits) splits one run, not one per token: it is kept
+    whole where the worst-case bound (every top-k token alone) would have cut it."""
+    from kvmerger.methods.kvmerger import protection_within_budget
+
+    attention = torch.zeros(2, 40)
+    attention[0, 10:18] = 1.0  # 8 adjacent heavy hitters
+    attention[1, ::5] = 1.0  # 8 scattered ones
+    protected, kept = protection_within_budget(attention, n_recent=4, n_topk=8, slots=16)
+    assert kept.tolist()[0] == 8 and protected[0, 10:18].all()  # 4 + 8 + 2 runs = 14 <= 16
+    assert kept.tolist()[1] < 8  # scattered: 4 + 8 + 8 runs would be 20
+    free = ~protected[1]
+    runs = int((free & torch.cat([torch.tensor([True]), ~free[:-1]])).sum())
+    assert int(protected[1].sum()) + runs <= 16
 
 
 def test_paper_protection_settings():

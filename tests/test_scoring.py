@@ -188,3 +188,81 @@ def test_a_prefill_with_an_explicit_mask_falls_back_to_sdpa_and_the_chunked_pass
         torch.testing.assert_close(
             chunked.aggregated_attention(), fused.scores[index].aggregated_attention(), rtol=1e-4, atol=1e-6
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The estimated aggregated attention (issue 13): exact near band + strided far rows
+# --------------------------------------------------------------------------------------------
+
+
+def _states(length: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 4, length, 16, generator=generator) * 2
+    key = torch.randn(1, 2, length, 16, generator=generator)
+    _, lse = kernels.causal_attention_with_lse(query, key.repeat_interleave(2, 1), key.repeat_interleave(2, 1), 0.3)
+    return query, key, lse
+
+
+def _probabilities(query, key, lse):
+    logits = query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.3
+    length = query.shape[-2]
+    rows, columns = torch.arange(length).unsqueeze(1), torch.arange(length).unsqueeze(0)
+    return (logits - lse.unsqueeze(-1)).exp().masked_fill(columns > rows, 0.0), rows - columns
+
+
+@pytest.mark.parametrize(("length", "band", "chunk"), [(37, 5, 4), (64, 64, 16), (130, 16, 64)])
+def test_near_and_far_parts_match_a_dense_computation(length, band, chunk):
+    from kvmerger.engine.scoring import far_attention_sample, near_attention
+
+    query, key, lse = _states(length)
+    probabilities, lag = _probabilities(query, key, lse)
+    near = (probabilities * ((lag >= 0) & (lag < band))).sum(-2).view(1, 2, 2, length).mean(2)
+    far = (probabilities * (lag >= band)).sum(-2).view(1, 2, 2, length).mean(2)
+    torch.testing.assert_close(near_attention(query, key, 0.3, lse, band), near, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(far_attention_sample(query, key, 0.3, lse, band, 1, 0, chunk), far, rtol=1e-4, atol=1e-6)
+    # stride 3, last 10: rows 2, 5, 8, ... before the last 10 weighted 3, the last 10 weighted 1
+    weights = torch.zeros(length)
+    weights[2 : length - 10 : 3] = 3.0
+    weights[length - 10 :] = 1.0
+    sampled = (probabilities * (lag >= band) * weights.view(-1, 1)).sum(-2).view(1, 2, 2, length).mean(2)
+    torch.testing.assert_close(far_attention_sample(query, key, 0.3, lse, band, 3, 10, chunk), sampled, rtol=1e-4, atol=1e-6)
+
+
+def test_the_estimate_is_exact_at_stride_one_and_close_on_local_attention():
+    from kvmerger.engine.scoring import aggregated_attention_estimated
+
+    query, key, lse = _states(200, seed=3)
+    exact = aggregated_attention(query, key, 0.3)
+    estimate = aggregated_attention_estimated(query, key, 0.3, lse, stride=1, band=16, last=8)
+    torch.testing.assert_close(estimate, exact, rtol=1e-4, atol=1e-5)
+    # attention that decays with distance (as a language model's does): stride 8 keeps the ranking
+    positions = torch.arange(200, dtype=torch.float32)
+    local = torch.stack([torch.cos(positions / 20), torch.sin(positions / 20)], -1).repeat(1, 8)  # [T, 16]
+    query, key = (local * 6).expand(1, 4, 200, 16).contiguous(), (local + 0.1 * torch.randn(200, 16)).expand(1, 2, 200, 16).contiguous()
+    _, lse = kernels.causal_attention_with_lse(query, key.repeat_interleave(2, 1), key.repeat_interleave(2, 1), 0.3)
+    exact = aggregated_attention(query, key, 0.3)
+    estimate = aggregated_attention_estimated(query, key, 0.3, lse, stride=8, band=16, last=8)
+    top_exact = set(exact[0, 0].topk(60).indices.tolist())
+    top_estimate = set(estimate[0, 0].topk(60).indices.tolist())
+    assert len(top_exact & top_estimate) >= 54
+
+
+def test_layer_scores_take_the_estimate_only_with_log_normalisers():
+    query, key, lse = _states(50)
+    with_lse = LayerScores(query, key, 0.3, lse=lse)
+    without = LayerScores(query, key, 0.3)
+    exact = without.aggregated_attention("exact")
+    torch.testing.assert_close(without.aggregated_attention("estimated"), exact)  # the exact fallback
+    assert not torch.equal(with_lse.aggregated_attention("estimated", stride=4), exact)
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        with_lse.aggregated_attention("sampled")
+
+
+def test_sources_combined_by_rank_hold_the_top_of_each():
+    from kvmerger.engine.scoring import percentile_rank
+
+    first = torch.tensor([[5.0, 1.0, 0.0, 0.0, 2.0, 0.0]])
+    second = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 1.0]])
+    combined = torch.maximum(percentile_rank(first), percentile_rank(second))
+    assert set(combined[0].topk(2).indices.tolist()) == {0, 2}
+    assert percentile_rank(torch.tensor([[1.0, 1.0]])).tolist() == [[0.5, 1.0]]  # ties: the later ranks higher

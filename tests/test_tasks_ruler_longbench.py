@@ -377,15 +377,17 @@ def test_longbench_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path)
     assert str(tmp_path) in message and "qasper.jsonl" in message and "data.zip" in message
 
 
-def test_longbench_without_a_folder_fails_clearly_offline(monkeypatch):
+def test_longbench_without_a_folder_says_where_to_get_the_files_and_never_asks_the_hub(monkeypatch):
     import huggingface_hub
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
+    def no_download(*args, **kwargs):
+        raise AssertionError("kvmerger must not download LongBench")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(FileNotFoundError, match="hub .*no network.*data_dir"):
-        LongBench(dataset="hotpotqa").rows()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    task = LongBench(dataset="hotpotqa")  # building it needs no data (its settings are known)
+    for read in (task.check_data, task.rows):
+        with pytest.raises(FileNotFoundError, match=r"does not download.*data\.zip.*--data-dir"):
+            read()
 
 
 def test_longbench_rejects_rows_outside_the_schema_and_unknown_datasets(tmp_path):

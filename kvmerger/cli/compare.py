@@ -8,14 +8,14 @@ records.jsonl, summary.csv, figures/*.png and report.md. Run again with the same
 from __future__ import annotations
 
 import argparse
-import sys
 
 from kvmerger.cli.eval import add_method_options, add_output_options, execute, method_specs
-from kvmerger.cli.options import add_model_options
+from kvmerger.cli.options import add_model_options, subcommand
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
+    parser = subcommand(
+        sub,
         "compare",
         help="the main job: full cache, KVMerger and the baselines at 0.5 and 0.35 on a small suite",
         description=__doc__,
@@ -32,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
 
     suite = QUICK if args.quick else COMPARE
     settings = suite.settings(method_specs(args.methods), args.budgets, args.seed)
-    print(f"kvmerger compare ({suite.name} suite): {suite.description}", file=sys.stderr)
-    return execute(args, settings, "compare", "kvmerger compare: KV cache compression at a budget")
+    intro = f"kvmerger compare ({suite.name} suite): {suite.description}"
+    return execute(args, settings, "compare", "kvmerger compare: KV cache compression at a budget", intro=intro)

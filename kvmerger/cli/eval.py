@@ -9,19 +9,28 @@ Methods and tasks take parameters after a colon: `kvmerger:mode=paper,sigma=5`,
 `passkey:chat=True`, `lm:continuation=128`, `longbench:dataset=qasper`. Without --methods it runs
 the full cache, KVMerger and the baselines (`--methods all`: every registered method). Tasks:
 passkey, needle, lm (language modelling), ruler-niah, ruler-vt, ruler-cwe, ruler-fwe, longbench
-(with --data-dir). Query-aware answers take their first token from the full-cache prefill (see
-kvmerger/evaluation/generation.py).
+(with --data-dir: kvmerger downloads nothing; get LongBench's data.zip from the Hugging Face dataset
+THUDM/LongBench and pass its data/ folder). Query-aware answers take their first token from the
+full-cache prefill (see kvmerger/evaluation/generation.py). Everything that can be checked without
+the model (tasks and their parameters, methods, data, the results folder) is checked before it loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
-from kvmerger.cli.options import add_model_options, budget, load
+from kvmerger.cli.options import (
+    HelpFormatter,
+    add_model_options,
+    budget,
+    check_model_options,
+    check_output_folder,
+    load,
+    plain_name,
+    positive_int,
+)
 
 DEFAULT_TASKS = ["passkey", "needle", "lm"]
 
@@ -31,12 +40,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "eval",
         help="evaluate methods x budgets on tasks, offline, with resumable results",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_options(parser)
-    parser.add_argument(
-        "--tasks", nargs="+", default=DEFAULT_TASKS, metavar="TASK[:NAME=VALUE,...]", help="default: passkey needle lm"
-    )
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, metavar="TASK[:NAME=VALUE,...]", help="tasks to run")
     add_method_options(parser)
     parser.add_argument(
         "--protocol",
@@ -44,8 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="query-aware",
         help="question compressed with the context (query-aware, the paper's), after it (query-agnostic), or both",
     )
-    parser.add_argument("--lengths", nargs="+", type=int, default=[2048], help="context lengths in tokens")
-    parser.add_argument("--samples", type=int, default=5, help="samples per task and length (depths for passkey/needle)")
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=[2048], help="context lengths in tokens")
+    parser.add_argument(
+        "--samples", type=positive_int, default=5, help="samples per task and length (depths for passkey/needle)"
+    )
     parser.add_argument("--data-dir", type=Path, help="folder of LongBench {dataset}.jsonl files, for tasks that read data")
     add_output_options(parser)
     return parser
@@ -61,28 +70,32 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         "see `kvmerger methods`)",
     )
     parser.add_argument("--budgets", nargs="+", type=budget, default=[0.5, 0.35], help="shares of the cache kept")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of seeded methods")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="results folder (give an existing one to resume it)")
-    parser.add_argument("--name", help="results folder name under results/<command>/ instead of a timestamp")
+    parser.add_argument(
+        "--name", type=plain_name, help="results folder name under results/<command>/ instead of a timestamp"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from kvmerger.evaluation.runner import PROTOCOLS, RunSettings, TaskPlan
     from kvmerger.evaluation.suites import paper_comparison
+    from kvmerger.evaluation.tasks.base import Task
 
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1; got {args.samples}")
     shared = {}
     if args.data_dir is not None:
         if not args.data_dir.is_dir():
             raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder (it should hold {{dataset}}.jsonl files)")
         shared["data_dir"] = str(args.data_dir)
     plans = [TaskPlan.parse(spec, args.lengths, args.samples, shared) for spec in args.tasks]
+    for plan in plans:
+        if isinstance(plan.task, Task):  # language modelling reads shipped text
+            plan.task.check_data()
     methods = method_specs(args.methods) or paper_comparison()
     settings = RunSettings(plans, methods, list(args.budgets), protocols, args.seed)
     return execute(args, settings, "eval", "KV cache compression: quality at a budget")
@@ -99,28 +112,42 @@ def method_specs(texts: list[str] | None):
     return [MethodSpec.parse(text) for text in texts]
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def output_folder(args: argparse.Namespace, command: str) -> Path:
+    import datetime
+
     if args.out is not None:
         return args.out
     name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("results") / command / name
 
 
-def execute(args: argparse.Namespace, settings, command: str, title: str) -> int:
-    """Load the model, run `settings` into the results folder, write the summary, figures and report."""
+def execute(args: argparse.Namespace, settings, command: str, title: str, intro: str | None = None) -> int:
+    """Load the model, run `settings` into the results folder, write the summary, figures and report.
+    Everything that can be checked without the model (options, output folder, model path) is checked first."""
+    import json
+
     from kvmerger.evaluation.records import write_atomically
     from kvmerger.evaluation.report import write_outputs
     from kvmerger.evaluation.runner import Runner
     from kvmerger.models import DEFAULT_MODEL
 
     folder = output_folder(args, command)
+    check_output_folder(folder, "--out" if args.out is not None else "the results folder")
+    check_model_options(args)
+    if intro:
+        print(intro, file=sys.stderr)
     model, tokenizer = load(args)
     model_name = str(args.model) if args.model else DEFAULT_MODEL
     runner = Runner(model, tokenizer, settings, folder, model_name=model_name, progress=not args.no_progress)
     variants = settings.variants()
     print(
-        f"kvmerger {command}: {len(settings.plans)} tasks, {len(variants)} method x budget variants, "
-        f"protocols {', '.join(settings.protocols)}; results in {folder} (run again with --out {folder} to resume)",
+        f"kvmerger {command}: {plural(len(settings.plans), 'task')}, {plural(len(variants), 'method x budget variant')}, "
+        f"{plural(len(settings.protocols), 'protocol')} ({', '.join(settings.protocols)}); results in {folder} "
+        f"(run again with --out {folder} to resume)",
         file=sys.stderr,
     )
     write_atomically(
@@ -137,9 +164,14 @@ def execute(args: argparse.Namespace, settings, command: str, title: str) -> int
         )
         return 130
     if outcome.truncated is not None:
+        redone = (
+            f"the {plural(outcome.ran, 'cell')} missing from the records ran again"
+            if outcome.ran
+            else "every cell was already in the records, so nothing ran again"
+        )
         print(
             f"kvmerger {command}: the records ended with an incomplete line from an interrupted run; it was set aside "
-            f"in {folder / 'records.jsonl.truncated'} and its cell was run again",
+            f"in {folder / 'records.jsonl.truncated'}, and {redone}",
             file=sys.stderr,
         )
     if outcome.skipped:

@@ -1,18 +1,23 @@
-"""`kvmerger methods`: list the compression methods with a one-line description."""
+"""`kvmerger methods`: every compression method, its one-line summary, and its parameters with their
+defaults (from kvmerger/cli/catalog.py, so that listing them imports no torch)."""
 
 from __future__ import annotations
 
 import argparse
 
-from kvmerger.methods import METHODS
+from kvmerger.cli.catalog import SYNTAX, listing
+from kvmerger.cli.options import subcommand
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    return sub.add_parser("methods", help="list the compression methods")
+    return subcommand(
+        sub,
+        "methods",
+        help="list the compression methods with their parameters and defaults",
+        description="List every compression method, its summary, and its parameters with their defaults.\n\n" + SYNTAX,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    width = max(len(name) for name in METHODS)
-    for name in sorted(METHODS):
-        print(f"{name:<{width}}  {METHODS[name].summary}")
+    print(listing())
     return 0

@@ -1,5 +1,6 @@
 """The compression engine: cache, attention hook, scoring, sessions and reports."""
 
+from kvmerger.engine.finite import NonFiniteCacheError
 from kvmerger.engine.hf import CompressedCache, CompressedLayer, UnsupportedModelError, check_supported
 from kvmerger.engine.report import CompressionReport, LayerReport
 from kvmerger.engine.scoring import LayerScores, aggregated_attention, window_attention
@@ -20,6 +21,7 @@ __all__ = [
     "CompressionSession",
     "LayerReport",
     "LayerScores",
+    "NonFiniteCacheError",
     "Prefill",
     "UnsupportedModelError",
     "aggregated_attention",

@@ -13,16 +13,46 @@ model). Two ways to get them without that:
 
 Grouped-query attention stays native: scores are returned per KV head, averaged over the query
 heads that share it.
+
+Score sources (docs/METHOD.md, section 7b): what a method that ranks tokens or picks pivots may
+take as "the attention later queries will pay each key", each a [B, Hkv, T] vector per layer and
+none of them built from a [T, T] matrix (`LayerScores.source`):
+
+* ``aggregated``: attention summed over every prompt query (H2O's, the KVMerger paper's);
+* ``window``: attention from the last prompt queries, pooled over neighbouring keys (SnapKV's);
+* ``reconstruction``: the largest attention each key receives while the model repeats the context
+  (KVzip's; computed by `engine.reconstruction`, which runs the model again);
+* ``expected``: the expected attention of future queries under a Gaussian fitted to the prompt's
+  queries and rotated forward (Expected Attention, kvpress; `expected_attention`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from kvmerger.engine import kernels
+
+if TYPE_CHECKING:
+    from kvmerger.engine.reconstruction import Reconstruction
+
+SCORE_SOURCES = ("aggregated", "window", "reconstruction", "expected")
+STATISTICS = ("exact", "estimated")  # how the aggregated attention is computed
+ESTIMATE_STRIDE = 16  # every 16th query row for the far part of the estimate (benchmarks/statistic_agreement.py)
+ESTIMATE_BAND = 64  # the nearest 64 queries of each key, exactly
+ESTIMATE_LAST = 64  # and the last 64 queries of the prompt, exactly
+POOLINGS = ("avg", "max")
+# Defaults of the sources, as their papers and reference code set them
+WINDOW = 32  # SnapKV's observation window
+POOL_KERNEL = 5  # SnapKV's pooling kernel
+FUTURE_POSITIONS = 512  # Expected Attention: future positions the rotation is averaged over (kvpress)
+SINK_TOKENS = 4  # Expected Attention and KVzip: first tokens always kept, never scored (kvpress)
 
 DEFAULT_CHUNK = 64  # queries per chunk; measured fastest among 16-256 on 2 CPU cores (2k and 8k tokens)
 # Below this many tokens the chunked pass is the faster one: on the default model's layer shape,
@@ -100,6 +130,83 @@ def aggregated_attention_from_lse(
     return per_query_head.view(batch, -1, group, length).mean(dim=2)
 
 
+def near_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int) -> torch.Tensor:
+    """Attention each key receives from the `band` queries nearest after it (itself included), exactly.
+
+    Column j sums P[i, j] = exp(s q_i.k_j - lse_i) over j <= i < j + band, with the prefill's own
+    log-normalisers `lse` [B, Hq, T]. The sequence is cut into blocks of `band` rows; each block's
+    queries meet its own keys and the previous block's, [B, Hq, T / band, band, 2 band] in all.
+    Returns [B, Hkv, T] float32, averaged over the query heads of each KV head.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    blocks = math.ceil(length / band)
+    pad = blocks * band - length
+    queries = F.pad(query.float() * scaling, (0, 0, 0, pad)).view(batch, kv_heads, group, blocks, band, dim)
+    keys = F.pad(key.float(), (0, 0, band, pad)).unfold(2, 2 * band, band)  # [B, Hkv, nb, d, 2 band]
+    logits = torch.matmul(queries, keys.unsqueeze(2))  # [B, Hkv, g, nb, band, 2 band]
+    normalisers = F.pad(lse.float(), (0, pad), value=math.inf).view(batch, kv_heads, group, blocks, band, 1)
+    row = torch.arange(band, device=key.device).unsqueeze(1)
+    column = torch.arange(2 * band, device=key.device).unsqueeze(0)
+    near = (column > row) & (column <= row + band)  # key index - query index in (-band, 0]
+    received = (logits - normalisers).exp().masked_fill(~near, 0.0).sum(dim=(2, 4))  # [B, Hkv, nb, 2 band]
+    total = key.new_zeros(batch, kv_heads, blocks + 1, band, dtype=torch.float32)
+    total[:, :, :blocks] += received[..., :band]  # the previous block's keys
+    total[:, :, 1:] += received[..., band:]  # the block's own keys
+    return total.flatten(2)[..., band : band + length] / group
+
+
+def far_attention_sample(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int, stride: int, last: int,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Estimated attention each key receives from the queries `band` or more positions after it.
+
+    Rows: every `stride`-th query (offset stride - 1) before the last `last`, weighted by `stride`, and
+    the last `last` queries exactly (weight 1): unbiased over the sampling offset, exact with stride 1.
+    Costs about (T / stride + last) x T / 2 logits per head. Returns [B, Hkv, T] float32.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    tail = max(0, length - last)
+    rows = torch.cat([torch.arange(stride - 1, max(tail, stride - 1), stride), torch.arange(tail, length)]).to(key.device)
+    weights = torch.where(rows < tail, float(stride), 1.0)
+    grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
+    normalisers = lse.float().view(batch, kv_heads, group, length)
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, T]
+    total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=key.device)
+    positions = torch.arange(length, device=key.device)
+    for start in range(0, rows.numel(), chunk):
+        picked = rows[start : start + chunk]
+        reach = int(picked.max()) - band + 1  # keys at or before the last row's reach
+        if reach <= 0:
+            continue
+        logits = torch.matmul(grouped[:, :, :, picked], keys_t[..., :reach])  # [B, Hkv, g, c, reach]
+        far = positions[:reach].unsqueeze(0) <= (picked - band).unsqueeze(1)  # [c, reach]
+        probabilities = (logits - normalisers[:, :, :, picked].unsqueeze(-1)).exp().masked_fill(~far, 0.0)
+        row_weights = weights[start : start + chunk].expand(group, -1).reshape(1, 1, 1, -1)
+        summed = torch.matmul(row_weights, probabilities.reshape(batch, kv_heads, -1, reach)).squeeze(2)
+        total[..., :reach] += summed
+    return total / group
+
+
+def aggregated_attention_estimated(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, *, stride: int,
+    band: int = 64, last: int = 64, chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """An estimate of H2O's score in O((band + T / stride) T) work instead of O(T^2): [B, Hkv, T].
+
+    Most of a key's attention comes from the queries just after it (local attention), and that part
+    is computed exactly for every query with the prefill's log-normalisers (`near_attention`); what
+    queries further on give is smaller per query and smoother, and is estimated from every
+    `stride`-th query plus the last `last` ones (`far_attention_sample`). With stride 1 it is exact.
+    """
+    near = near_attention(query, key, scaling, lse, band)
+    return near + far_attention_sample(query, key, scaling, lse, band, stride, last, chunk)
+
+
 def window_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, window: int, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
@@ -108,6 +215,136 @@ def window_attention(
     SnapKV's observation window; TOVA's last query with window=1.
     """
     return attention_column_sums(query, key, scaling, max(0, query.shape[-2] - window), chunk)
+
+
+def largest_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, visible: int, targets: slice, chunk: int = 256
+) -> torch.Tensor:
+    """The largest softmax probability each target key receives from any query and query head of its group.
+
+    query: [B, Hq, n, d]; key: [B, Hkv, visible + n, d]: every query sees the first `visible` keys,
+    and query i the queries' own keys 0..i (causal). Returns [B, Hkv, len(targets)] float32 for the
+    keys `targets` (a slice within the visible ones). Works in chunks of `chunk` queries, so the
+    largest intermediate is [B, Hq, chunk, visible + n] (KVzip's reconstruction score).
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, K]
+    first, last = targets.indices(visible)[:2]
+    best = torch.zeros(batch, kv_heads, last - first, dtype=torch.float32, device=key.device)
+    for start in range(0, length, chunk):
+        end = min(length, start + chunk)
+        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., : visible + end])  # [B, Hkv, g, c, K']
+        rows = torch.arange(start, end, device=key.device).unsqueeze(1)
+        future = torch.arange(end, device=key.device).unsqueeze(0) > rows  # own keys after the query
+        logits[..., visible:].masked_fill_(future, float("-inf"))
+        probabilities = (logits[..., first:last] - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        best = torch.maximum(best, probabilities.amax(dim=(2, 3)))
+    return best
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """Pool [..., L] scores along the last dim: kernel `kernel_size` (odd), stride 1, zero padding
+    (SnapKV's ``avg_pool1d`` / ``max_pool1d``; average pooling counts the padding, as PyTorch does)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    shape = scores.shape
+    flat = scores.float().reshape(-1, 1, shape[-1])
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    return pool(flat, kernel_size, stride=1, padding=kernel_size // 2).reshape(shape)
+
+
+def pooled_window_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, window: int = WINDOW, kernel_size: int = POOL_KERNEL,
+    pooling: str = "avg", chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """SnapKV's score for every key: attention from the last `window` queries, summed, pooled over
+    `kernel_size` neighbouring keys. [B, Hkv, T] float32 (the window's own keys pooled like the rest)."""
+    return pool_scores(window_attention(query, key, scaling, window, chunk), kernel_size, pooling)
+
+
+RotaryTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""positions [n] -> (cos, sin), each [n, d] float32, as the model's rotary embedding gives them for
+this layer (attention scaling included), in transformers' rotate-half layout."""
+
+
+def percentile_rank(scores: torch.Tensor) -> torch.Tensor:
+    """[..., T] -> [..., T] float32 in (0, 1]: each entry's rank within its row over T (the highest
+    is 1; ties in order, the later entry ranking higher, as `top_indices` breaks them)."""
+    length = scores.shape[-1]
+    order = torch.sort(scores.float(), dim=-1, stable=True).indices  # ascending; among ties the later token last
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, length + 1, device=scores.device).expand_as(order))
+    return ranks.float() / length
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def unrotated(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE: the query states before rotation, from post-RoPE states and their positions' tables.
+
+    query [..., n, d] = q * cos + rotate_half(q) * sin, so q = (query * cos - rotate_half(query) * sin)
+    / (cos^2 + sin^2) (the denominator is the square of the rotary attention scaling, 1 for plain RoPE).
+    """
+    return (query * cos - rotate_half(query) * sin) / (cos.square() + sin.square())
+
+
+def average_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[d, d]: the mean over positions of RoPE's rotation matrices R_p (x -> x cos_p + rotate_half(x) sin_p)."""
+    dim = cos.shape[-1]
+    half = dim // 2
+    swap = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)  # rotate_half as a matrix: P x
+    swap[half:, :half] = torch.eye(half, dtype=cos.dtype, device=cos.device)
+    swap[:half, half:] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
+    rotations = cos.unsqueeze(-1) * torch.eye(dim, dtype=cos.dtype, device=cos.device) + sin.unsqueeze(-1) * swap
+    return rotations.mean(dim=0)
+
+
+def expected_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    rotary: RotaryTables,
+    *,
+    future_positions: int = FUTURE_POSITIONS,
+    sink_tokens: int = SINK_TOKENS,
+    use_covariance: bool = True,
+    query_window: int | None = None,
+) -> torch.Tensor:
+    """Expected Attention's score (kvpress `ExpectedAttentionPress`, arXiv 2510.00636): [B, Hkv, T] float32.
+
+    The prompt's query states before RoPE (all after the first `sink_tokens`, or the last
+    `query_window`) give a Gaussian N(mu, Sigma) per query head; rotating it by the mean RoPE
+    rotation R over the next `future_positions` positions models a future query, and for key k
+    E[exp(s q.k)] = exp(s (R mu).k + s^2 k^T (R Sigma R^T) k / 2), s the attention scaling. The score
+    is the softmax of that exponent over the keys after the sinks, averaged over the query heads of
+    each KV head; the first `sink_tokens` keys get +inf (always kept), as kvpress pads them with the
+    maximum. Value norms are not applied here (the method does that).
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    sinks = min(sink_tokens, length - 1)
+    first = sinks if query_window is None else max(sinks, length - query_window)
+    positions = torch.arange(first, length, device=query.device)
+    cos, sin = rotary(positions)
+    prerope = unrotated(query[:, :, first:].float(), cos.float(), sin.float())  # [B, Hq, n, d]
+    mean = prerope.mean(dim=2)  # [B, Hq, d]
+    future_cos, future_sin = rotary(torch.arange(length, length + future_positions, device=query.device))
+    rotation = average_rotation(future_cos.float(), future_sin.float())  # [d, d]
+    mean = mean @ rotation.T
+    keys = key[:, :, sinks:].float().repeat_interleave(q_heads // kv_heads, dim=1)  # [B, Hq, T', d]
+    exponent = scaling * (keys @ mean.unsqueeze(-1)).squeeze(-1)  # [B, Hq, T']
+    if use_covariance:
+        centred = prerope - prerope.mean(dim=2, keepdim=True)
+        covariance = centred.transpose(-1, -2) @ centred / prerope.shape[2]  # [B, Hq, d, d]
+        covariance = rotation @ covariance @ rotation.T
+        exponent = exponent + 0.5 * scaling**2 * ((keys @ covariance) * keys).sum(dim=-1)
+    probabilities = torch.softmax(exponent, dim=-1).view(batch, kv_heads, q_heads // kv_heads, -1).mean(dim=2)
+    return F.pad(probabilities, (sinks, 0), value=math.inf)
 
 
 def new_query_attention(
@@ -131,6 +368,18 @@ def new_query_attention(
     return probs.sum(dim=3).mean(dim=2), probs[:, :, :, -1].mean(dim=2)
 
 
+@dataclass
+class ScoreContext:
+    """What some score sources need beyond one layer's states, shared by the layers of one prompt.
+
+    `rotary(layer_idx)` gives that layer's rotary tables (the expected source); `reconstruction`
+    is KVzip's repeat pass over the whole prompt, run once on first request (engine.reconstruction).
+    """
+
+    rotary: Callable[[int], RotaryTables] | None = None
+    reconstruction: Reconstruction | None = None
+
+
 class LayerScores:
     """The statistics a method may ask about one layer, computed on first request and kept.
 
@@ -138,6 +387,8 @@ class LayerScores:
     the attention saw them), so that several methods compressing the same prefill share the work.
     `lse` [B, Hq, T], the prefill attention's log-normalisers where the engine could keep them,
     lets the aggregated attention take the fused path (`aggregated_attention_from_lse`).
+    `context` (shared by the prompt's layers, with `layer_idx`) serves the expected and
+    reconstruction sources.
     """
 
     def __init__(
@@ -147,6 +398,9 @@ class LayerScores:
         scaling: float,
         chunk: int = DEFAULT_CHUNK,
         lse: torch.Tensor | None = None,
+        *,
+        layer_idx: int = 0,
+        context: ScoreContext | None = None,
     ) -> None:
         if query is not None and query.shape[1] % key.shape[1]:
             raise ValueError(f"{query.shape[1]} query heads do not group evenly over {key.shape[1]} KV heads")
@@ -157,12 +411,16 @@ class LayerScores:
         self.scaling = scaling
         self.chunk = chunk
         self.lse = lse
+        self.layer_idx = layer_idx
+        self.context = context if context is not None else ScoreContext()
         self._memo: dict[tuple, torch.Tensor] = {}
         self.seconds = 0.0  # time spent computing statistics, for the reports
 
     def fresh(self) -> LayerScores:
         """The same inputs with nothing computed yet (to time a method's own scoring)."""
-        return LayerScores(self.query, self.key, self.scaling, self.chunk, self.lse)
+        return LayerScores(
+            self.query, self.key, self.scaling, self.chunk, self.lse, layer_idx=self.layer_idx, context=self.context
+        )
 
     @property
     def uses_fused_path(self) -> bool:
@@ -179,6 +437,7 @@ class LayerScores:
         key: torch.Tensor,
         aggregated: torch.Tensor | None = None,
         windows: dict[int, torch.Tensor] | None = None,
+        reconstruction: torch.Tensor | None = None,
     ) -> LayerScores:
         """Statistics given from outside (tests, analyses); asking for any other raises."""
         scores = cls(None, key, 1.0)
@@ -186,6 +445,8 @@ class LayerScores:
             scores._memo[("aggregated",)] = aggregated
         for window, values in (windows or {}).items():
             scores._memo[("window", window)] = values
+        if reconstruction is not None:
+            scores._memo[("reconstruction",)] = reconstruction
         return scores
 
     def _memoised(self, name: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -198,8 +459,23 @@ class LayerScores:
             self.seconds += time.perf_counter() - start
         return self._memo[name]
 
-    def aggregated_attention(self) -> torch.Tensor:
-        """[B, Hkv, T]: attention each key received, summed over all prompt queries."""
+    def aggregated_attention(self, statistic: str = "exact", stride: int = ESTIMATE_STRIDE) -> torch.Tensor:
+        """[B, Hkv, T]: attention each key received, summed over all prompt queries.
+
+        `statistic="exact"`: every query (the fused or the chunked pass); `"estimated"`:
+        `aggregated_attention_estimated` with `stride`, which needs the prefill's log-normalisers and
+        falls back to the exact pass where the engine could not keep them (not on CPU, masked prefills).
+        """
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        if statistic == "estimated" and self.lse is not None:
+            return self._memoised(
+                ("aggregated", "estimated", stride),
+                lambda: aggregated_attention_estimated(
+                    self.query, self.key, self.scaling, self.lse, stride=stride, band=ESTIMATE_BAND,
+                    last=ESTIMATE_LAST, chunk=self.chunk,
+                ),
+            )
         if self.uses_fused_path:
             compute = lambda: aggregated_attention_from_lse(self.query, self.key, self.lse, self.scaling)  # noqa: E731
         else:
@@ -211,6 +487,79 @@ class LayerScores:
         return self._memoised(
             ("window", window), lambda: window_attention(self.query, self.key, self.scaling, window, self.chunk)
         )
+
+    def pooled_window_attention(
+        self, window: int = WINDOW, kernel_size: int = POOL_KERNEL, pooling: str = "avg"
+    ) -> torch.Tensor:
+        """[B, Hkv, T]: SnapKV's score, the window's attention pooled over neighbouring keys."""
+        return self._memoised(
+            ("pooled window", window, kernel_size, pooling),
+            lambda: pool_scores(self.window_attention(window), kernel_size, pooling),
+        )
+
+    def expected_attention(
+        self,
+        future_positions: int = FUTURE_POSITIONS,
+        sink_tokens: int = SINK_TOKENS,
+        use_covariance: bool = True,
+        query_window: int | None = None,
+    ) -> torch.Tensor:
+        """[B, Hkv, T]: Expected Attention's score (`expected_attention`); the sinks get +inf."""
+        if self.context.rotary is None and self.query is not None:
+            raise ValueError(
+                "the expected-attention score needs the model's rotary embedding; compress through the engine "
+                "(compress, record_prefill), which provides it"
+            )
+
+        def compute() -> torch.Tensor:
+            rotary = self.context.rotary(self.layer_idx)
+            return expected_attention(
+                self.query, self.key, self.scaling, rotary, future_positions=future_positions,
+                sink_tokens=sink_tokens, use_covariance=use_covariance, query_window=query_window,
+            )
+
+        return self._memoised(("expected", future_positions, sink_tokens, use_covariance, query_window), compute)
+
+    def reconstruction_attention(self) -> torch.Tensor:
+        """[B, Hkv, T]: KVzip's score, the largest attention each key receives while the model repeats
+        the prompt (engine.reconstruction); the sinks get +inf."""
+        reconstruction = self._reconstruction()
+        return self._memoised(("reconstruction",), lambda: reconstruction.scores(self.layer_idx))
+
+    def reconstruction_queries(self) -> torch.Tensor:
+        """[B, Hq, R, d]: query states of the reconstruction pass at R sampled positions (post-RoPE,
+        scaled like the prompt's); each saw the whole prompt."""
+        reconstruction = self._reconstruction()
+        return self._memoised(("reconstruction queries",), lambda: reconstruction.queries(self.layer_idx))
+
+    def _reconstruction(self) -> Reconstruction:
+        if self.context.reconstruction is None:
+            if self.query is None:
+                raise ValueError("these scores were given precomputed and do not include 'reconstruction'")
+            raise ValueError(
+                "the reconstruction score needs a second pass of the model over the prompt; compress through the "
+                "engine (compress, record_prefill), which runs it"
+            )
+        return self.context.reconstruction
+
+    def source(self, name: str, statistic: str = "exact") -> torch.Tensor:
+        """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults
+        (`statistic`: how the aggregated attention is computed).
+
+        Sources joined by "+" ("aggregated+window") are combined by rank: each token's score is its
+        highest percentile rank (within its row) in any of them, so the top-k of the combination
+        holds what either source ranks high (the union of their top tokens)."""
+        if "+" in name:
+            return torch.stack([percentile_rank(self.source(part, statistic)) for part in name.split("+")]).amax(0)
+        if name == "aggregated":
+            return self.aggregated_attention(statistic)
+        if name == "window":
+            return self.pooled_window_attention()
+        if name == "reconstruction":
+            return self.reconstruction_attention()
+        if name == "expected":
+            return self.expected_attention()
+        raise ValueError(f"unknown score source {name!r}; known: {', '.join(SCORE_SOURCES)}")
 
 
 def _synchronize(device: torch.device) -> None:

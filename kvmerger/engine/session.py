@@ -12,26 +12,38 @@ that layer's attention) -> method -> smaller cache -> decoding.
   without prefilling again (the evaluation harness compares methods this way).
 * `attach(model)`: a session that only applies per-slot biases, for decoding with a cache that
   was compressed elsewhere.
+
+Only full-attention layers are compressed. A sliding-window layer (Gemma 3, Mistral with a window,
+Qwen with `use_sliding_window`) keeps transformers' own cache, bounded by its window; it is never
+handed to a method, and reports list it in `kept_layers` with its bytes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
 
 import torch
 
+from kvmerger.engine.finite import check_finite
 from kvmerger.engine.hf import (
     CompressedCache,
     CompressedLayer,
     UnsupportedModelError,
     check_supported,
     install_session,
+    is_compressed,
+    layer_kind,
+    layer_nbytes,
+    layer_slots,
+    rotary_tables,
 )
-from kvmerger.engine.report import CompressionReport, LayerReport
-from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, _synchronize, new_query_attention
+from kvmerger.engine.report import CompressionReport, KeptLayer, LayerReport
+from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, ScoreContext, _synchronize, new_query_attention
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState
 
 
@@ -107,7 +119,10 @@ class Session:
         self.seconds_holding = 0.0
 
     # -- called by the hooks in engine.hf ------------------------------------------------------
-    def begin_forward(self, cache: CompressedCache | None, query_length: int | None) -> None:
+    def begin_forward(
+        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        """`input_ids` [B, n]: the token ids fed, when the forward pass was given ids (not embeddings)."""
         self._cache = cache
 
     def end_forward(self) -> None:
@@ -152,14 +167,23 @@ class Session:
             layer.prefill_pending = False
             self.on_prefill(layer, module.layer_idx, PrefillAttention(query, key, value, scaling, lse))
         elif layer.hold is not None and self.hold_method is not None:
-            self._hold_budget(layer, module.layer_idx, query, key, scaling)
+            self._hold_budget(layer, module.layer_idx, query, key, value, scaling)
 
     def _hold_budget(
-        self, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float
+        self,
+        layer: CompressedLayer,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
     ) -> None:
         """Account the new queries' attention, then shrink the layer back to its budget if it grew."""
+        new = query.shape[2]
+        newest = {"keys": key[..., -new:, :], "values": value[..., -new:, :], "query states": query}
+        check_finite(layer_idx, newest, "the newest tokens'", first_token=layer.seen_tokens - new)
         start = time.perf_counter()
-        meta = layer.hold.appended(query.shape[2], layer.seen_tokens)
+        meta = layer.hold.appended(new, layer.seen_tokens)
         summed, last = new_query_attention(query, key, scaling, layer.slot_bias)
         meta.accumulated = meta.accumulated + summed
         meta.last_attention = last
@@ -198,7 +222,12 @@ class Session:
 
 
 class CompressionSession(Session):
-    """Compresses the prompt's cache with `method`, layer by layer, during the prefill."""
+    """Compresses the prompt's cache with `method`, layer by layer, during the prefill.
+
+    A method whose scores need the whole prefill first (KVzip's reconstruction pass, which runs the
+    model again over every layer) is applied once the prefill's forward pass ends instead: every
+    layer then holds its full cache until all of them are compressed.
+    """
 
     handles_prefill = True
 
@@ -208,13 +237,20 @@ class CompressionSession(Session):
         method: CompressionMethod,
         chunk_size: int = DEFAULT_CHUNK,
         hold_budget: bool = False,
+        tokenizer=None,
     ) -> None:
         if not isinstance(method, CompressionMethod):
             raise TypeError(f"method must be a kvmerger CompressionMethod, got {type(method).__name__}")
         super().__init__(model, chunk_size, hold_method=method if hold_budget else None)
         self.method = method
+        self.tokenizer = tokenizer
+        self.defers = method.needs_reconstruction()
         self.reports: list[CompressionReport] = []
         self._building: CompressionReport | None = None
+        self._rotary = rotary_tables(model)
+        self._context = ScoreContext()
+        self._input_ids: torch.Tensor | None = None
+        self._deferred: list[tuple[CompressedLayer, int, PrefillAttention]] = []
 
     @property
     def report(self) -> CompressionReport:
@@ -223,26 +259,63 @@ class CompressionSession(Session):
             raise RuntimeError("nothing was compressed yet: no prompt of more than one token went through the model")
         return self.reports[-1]
 
-    def begin_forward(self, cache: CompressedCache | None, query_length: int | None) -> None:
-        super().begin_forward(cache, query_length)
+    def begin_forward(
+        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        super().begin_forward(cache, query_length, input_ids)
         self._building = None
+        self._input_ids = input_ids
+        self._context = ScoreContext(rotary=self._rotary)
+        self._deferred = []
+        if self.hold_method is not None and query_length == 1 and cache is not None and cache.get_seq_length() == 0:
+            warnings.warn(
+                "kvmerger: this prompt has one token: nothing to compress and no budget to hold, so its cache "
+                "grows with every generated token; give a prompt of at least two tokens to hold the budget",
+                UserWarning,
+            )
 
     def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
+        if self.defers:
+            self._deferred.append((layer, layer_idx, attention))
+        else:
+            self._compress(layer, layer_idx, attention)
+
+    def _compress(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
         key, value = attention.key, attention.value
-        scores = LayerScores(attention.query, key, attention.scaling, self.chunk_size, attention.lse)
+        scores = LayerScores(
+            attention.query, key, attention.scaling, self.chunk_size, attention.lse,
+            layer_idx=layer_idx, context=self._context,
+        )
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
-            layer.hold = SlotMeta.after_compression(output, scores.aggregated_attention(), key.shape[-2])
+            layer.hold = SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2])
         if self._building is None:
             self._building = CompressionReport(method=self.method.describe())
         self._building.layers.append(layer_report)
 
     def end_forward(self) -> None:
+        cache = self._cache
         super().end_forward()
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self._context.reconstruction = self._reconstruction(cache)
+            for layer, layer_idx, attention in deferred:
+                self._compress(layer, layer_idx, attention)
         if self._building is not None:
+            self._building.kept_layers = kept_layers(cache)
             self.reports.append(self._building)
             self._building = None
+
+    def _reconstruction(self, cache: CompressedCache):
+        from kvmerger.engine.reconstruction import Reconstruction
+
+        if self._input_ids is None:
+            raise ValueError(
+                f"{self.method.label()} scores tokens by reconstructing the prompt from its token ids; "
+                "feed input_ids, not inputs_embeds"
+            )
+        return Reconstruction(self.model, cache, self._input_ids, self.tokenizer)
 
 
 class RecordingSession(Session):
@@ -271,6 +344,9 @@ def compress_layer(
     layer_idx: int,
     num_layers: int,
 ) -> tuple[LayerOutput, LayerReport]:
+    """Compress one layer's prompt cache with `method` and report it. Non-finite keys, values or
+    query states raise `NonFiniteCacheError` before the method runs (engine/finite.py)."""
+    check_finite(layer_idx, {"keys": keys, "values": values, "query states": scores.query})
     length = keys.shape[-2]
     slot_bytes = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
     layer = LayerInput(keys, values, scores, layer_idx, num_layers, slots=method.target_slots(length, slot_bytes))
@@ -308,6 +384,15 @@ def _check_output(method: CompressionMethod, layer: LayerInput, output: LayerOut
         )
 
 
+def kept_layers(cache: CompressedCache) -> list[KeptLayer]:
+    """The layers of `cache` that no method compresses, as they are now."""
+    return [
+        KeptLayer(index, layer_kind(layer), layer_slots(layer), layer_nbytes(layer))
+        for index, layer in enumerate(cache.layers)
+        if not is_compressed(layer)
+    ]
+
+
 def _nbytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -327,50 +412,91 @@ def _set_size_histogram(set_sizes: torch.Tensor | None) -> dict[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
+SessionT = TypeVar("SessionT", bound=Session)
+
+
+class SessionBlock(AbstractContextManager[SessionT]):
+    """The block `compress(...)` and `attach(...)` return: entering it routes the model through
+    `session`, leaving it (whatever happened inside) restores the model's attention and hooks.
+
+    The same block may be entered again once it has exited: the same session goes on, and
+    `session.reports` keeps every compression. Entering it while it is active is refused.
+    """
+
+    def __init__(self, model: torch.nn.Module, session: SessionT, call: str) -> None:
+        self.model = model
+        self.session = session
+        self._call = call
+        self._installed: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> SessionT:
+        if self._installed is not None:
+            raise RuntimeError(
+                f"this {self._call}(...) block is already active; a block cannot be entered inside itself "
+                f"(call {self._call}(model, ...) again for a second one)"
+            )
+        installed = install_session(self.model, self.session)
+        installed.__enter__()
+        self._installed = installed
+        return self.session
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool | None:
+        installed, self._installed = self._installed, None
+        return installed.__exit__(kind, error, trace)
+
+
 def compress(
     model: torch.nn.Module,
     method: CompressionMethod,
     *,
     chunk_size: int = DEFAULT_CHUNK,
     hold_budget: bool = False,
-) -> Iterator[CompressionSession]:
+    tokenizer=None,
+) -> SessionBlock[CompressionSession]:
     """Compress the KV cache of every prompt `model` prefills inside the block.
 
     With `hold_budget=True` every layer also stays at its budget while tokens are generated: each
     new token is appended, and whenever a layer holds more slots than its budget the method's
-    `hold_budget` rule shrinks it back (H2O's eviction by default).
+    `hold_budget` rule shrinks it back (H2O's eviction by default). A one-token prompt has nothing
+    to compress and no budget to hold: it is left as it is, with a `UserWarning` when holding.
+    `tokenizer`: the model's, for methods scored by reconstructing the prompt (KVzip's score; loaded
+    from the model's folder when not given).
+
+    A prompt whose keys, values or query states hold NaN or inf in some layer (an overflowing
+    float16 model, a corrupted checkpoint) raises `NonFiniteCacheError` naming the layer; the model
+    is restored as always when the block exits.
 
     >>> with compress(model, KVMerger(budget=0.5)) as session:
     ...     out = model.generate(input_ids, max_new_tokens=32)
     >>> print(session.report.summary())
     """
     check_supported(model)
-    session = CompressionSession(model, method, chunk_size, hold_budget)
-    with install_session(model, session):
-        yield session
+    return SessionBlock(model, CompressionSession(model, method, chunk_size, hold_budget, tokenizer), "compress")
 
 
-@contextmanager
-def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> Iterator[Session]:
+def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> SessionBlock[Session]:
     """Run `model` with kvmerger's attention (per-slot biases) and caches, compressing nothing.
 
     `hold`: the method whose `hold_budget` rule keeps layers compressed by
     `compress_prefill(..., hold_budget=True)` at their budget during generation.
     """
     check_supported(model)
-    session = Session(model, hold_method=hold)
-    with install_session(model, session):
-        yield session
+    return SessionBlock(model, Session(model, hold_method=hold), "attach")
 
 
 @dataclass
 class Prefill:
-    """A prompt prefilled once with the full cache, ready to be compressed by any method."""
+    """A prompt prefilled once with the full cache, ready to be compressed by any method.
+
+    `queries` and `scores` are indexed by layer, None for a layer that is not compressed (a
+    sliding-window layer); `compressed_layers` lists the others.
+    """
 
     cache: CompressedCache  # uncompressed
-    queries: list[torch.Tensor]  # per layer, [B, Hq, T, d]
-    scores: list[LayerScores]  # per layer, statistics shared by every method compressing this prefill
+    queries: list[torch.Tensor | None]  # per layer, [B, Hq, T, d]
+    scores: list[LayerScores | None]  # per layer, statistics shared by every method compressing this prefill
     last_logits: torch.Tensor  # [B, vocab], float32: the next-token distribution after the prompt
     seconds: float
 
@@ -378,10 +504,22 @@ class Prefill:
     def length(self) -> int:
         return self.cache.get_seq_length()
 
+    @property
+    def compressed_layers(self) -> list[int]:
+        return [index for index, layer in enumerate(self.cache.layers) if is_compressed(layer)]
+
 
 @torch.no_grad()
-def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Prefill:
-    """Prefill `input_ids` once with the full cache and keep what compression needs."""
+def record_prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, tokenizer=None
+) -> Prefill:
+    """Prefill `input_ids` once with the full cache and keep what compression needs.
+
+    Every score source is available to the methods compressing it; KVzip's reconstruction pass
+    runs on the first request (it needs `tokenizer`, loaded from the model's folder if not given).
+    """
+    from kvmerger.engine.reconstruction import Reconstruction
+
     check_supported(model)
     if input_ids.shape[-1] < 2:
         raise ValueError("a prompt to compress needs at least two tokens")
@@ -392,9 +530,15 @@ def record_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_siz
         output = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     _synchronize(input_ids.device)
     seconds = time.perf_counter() - start
-    attention = [session.attention[i] for i in range(len(cache.layers))]
-    queries = [layer.query for layer in attention]
-    scores = [LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse) for layer in attention]
+    attention = [session.attention.get(i) for i in range(len(cache.layers))]
+    queries = [None if layer is None else layer.query for layer in attention]
+    context = ScoreContext(rotary_tables(model), Reconstruction(model, cache, input_ids, tokenizer))
+    scores = [
+        None
+        if layer is None
+        else LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse, layer_idx=index, context=context)
+        for index, layer in enumerate(attention)
+    ]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
 
 
@@ -403,20 +547,26 @@ def compress_prefill(
 ) -> tuple[CompressedCache, CompressionReport]:
     """A new cache holding `prefill`'s prompt compressed by `method` (the prefill itself is untouched).
 
+    Layers that are not compressed (sliding-window layers) are carried over as they are.
     `hold_budget=True` also records what `attach(model, hold=method)` needs to keep the budget
     during generation.
     """
     report = CompressionReport(method=method.describe())
-    compressed, metas = [], []
+    layers: list = []
+    metas: dict[int, SlotMeta] = {}
     num_layers = len(prefill.cache.layers)
     for index, layer in enumerate(prefill.cache.layers):
+        if not is_compressed(layer):
+            layers.append(layer)
+            continue
         scores = prefill.scores[index]
         output, layer_report = compress_layer(method, layer.keys, layer.values, scores, index, num_layers)
-        compressed.append((output.keys, output.values, output.bias))
+        layers.append((output.keys, output.values, output.bias))
         report.layers.append(layer_report)
         if hold_budget:
-            metas.append(SlotMeta.after_compression(output, scores.aggregated_attention(), prefill.length))
-    cache = CompressedCache.from_tensors(compressed, seen_tokens=prefill.length)
-    for layer, meta in zip(cache.layers, metas):
-        layer.hold = meta
+            metas[index] = SlotMeta.after_compression(output, method.attention_received(scores), prefill.length)
+    cache = CompressedCache.from_tensors(layers, seen_tokens=prefill.length)
+    report.kept_layers = kept_layers(cache)
+    for index, meta in metas.items():
+        cache.layers[index].hold = meta
     return cache, report

@@ -220,9 +220,9 @@ class RecordStore:
         with open(self.path.with_name(RECORDS + ".truncated"), "ab") as aside:
             aside.write(tail + b"\n")
         os.truncate(self.path, keep)
-        log.warning(
-            "%s ended with an incomplete record (%d bytes, an interrupted write); it was set aside in %s.truncated "
-            "and that cell will be run again",
+        log.info(  # the caller (LoadResult.truncated) says what it means for the run
+            "%s ended with an incomplete record (%d bytes, an interrupted write); it was set aside in %s.truncated, "
+            "and any cell missing from the records will run again",
             self.path,
             len(tail),
             RECORDS,

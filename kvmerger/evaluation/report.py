@@ -1,13 +1,22 @@
 """From records to what a person reads: `summary.csv`, the figures and `report.md`.
 
 * `summarize(records)`: one row per (task, protocol, method, budget): the number of cells, the
-  mean score and its standard error, for language modelling the perplexity (exp of the mean NLL
-  over all scored tokens), the mean KL to the full cache and the top-1 agreement, and the KL's tail
-  (`kl_p99`: mean of the windows' 99th percentiles; `kl_max`: the worst token of all windows;
-  `top1_changed`: mean share of tokens whose top-1 prediction changed), the mean memory
-  ratio, and the mean seconds of scoring, compressing and decoding per cell. The scoring seconds
-  are those of the attention statistics, computed once per sample and shared: they are counted in
-  the first cell of the sample that asked for them.
+  mean score and its standard error with the name of the metric it is (`metric`: the task's, e.g.
+  contains_answer for the pass key, keyword_recall for the needle, and top1_agreement, the share of
+  tokens whose top prediction matches the full cache's, for language modelling), for language
+  modelling the perplexity (exp of the mean NLL over all scored tokens), the mean KL to the full
+  cache and the top-1 agreement, and the KL's tail (`kl_p99`: mean of the windows' 99th
+  percentiles; `kl_max`: the worst token of all windows; `top1_changed`: mean share of tokens whose
+  top-1 prediction changed), the mean memory ratio (over the compressed layers, and in
+  `cache_memory_ratio` over the whole cache, layers kept as they are included, e.g. sliding-window
+  layers), and timings in milliseconds per cell.
+  `compressing_ms` is the method's own step and `decoding_ms` its answer or continuation.
+  `shared_scoring_ms` is reported once per sample, in its own column, charged to no method: the
+  attention statistics (H2O's aggregated attention, SnapKV's and TOVA's windows) are computed once
+  per sample and shared by every method of the run that asks for them (KVMerger, H2O, CaM, SnapKV,
+  TOVA, the fitted methods; not the full cache, K-norm, random or StreamingLLM); the column holds
+  their total for the row's samples, the mean over its cells. A method run alone pays the
+  statistics it needs in full.
 * `report_markdown`: the results table (method x task), for language modelling a table of the KL's
   tail beside its mean, the figures, and plain sentences on where
   KVMerger wins and where it loses against the best other method at each budget. Differences in
@@ -38,6 +47,7 @@ SUMMARY_COLUMNS = [
     "budget",
     "cells",
     "lengths",
+    "metric",
     "score",
     "score_stderr",
     "perplexity",
@@ -47,7 +57,8 @@ SUMMARY_COLUMNS = [
     "kl_max",
     "top1_changed",
     "memory_ratio",
-    "scoring_ms",
+    "cache_memory_ratio",
+    "shared_scoring_ms",
     "compressing_ms",
     "decoding_ms",
 ]
@@ -63,13 +74,15 @@ class Row:
     budget: float
     cells: int
     lengths: list[int]
+    metric: str  # what `score` measures
     score: float
     score_stderr: float
     perplexity: float | None
     kl: float | None
     top1_agreement: float | None
-    memory_ratio: float
-    scoring_ms: float
+    memory_ratio: float  # the compressed layers' bytes after over before
+    cache_memory_ratio: float  # the same over the whole cache, layers kept as they are included
+    shared_scoring_ms: float
     compressing_ms: float
     decoding_ms: float
     kl_p99: float | None = None  # mean over windows of each window's 99th percentile of per-token KL
@@ -98,17 +111,45 @@ def method_order(label: str, name: str) -> tuple:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[Row]:
+    records = list(records)
+    shared = shared_scoring_seconds(records)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     task_order: dict[str, int] = {}
     for record in records:
         task_order.setdefault(record["task"], len(task_order))
         groups[(record["task"], record["protocol"], record["method_label"], record["budget"])].append(record)
-    rows = [_row(key, cells) for key, cells in groups.items()]
+    rows = [_row(key, cells, shared) for key, cells in groups.items()]
     rows.sort(key=lambda r: (task_order[r.task], r.protocol, method_order(r.method, r.method_name), -r.budget))
     return rows
 
 
-def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
+def sample_key(record: dict[str, Any]) -> tuple:
+    """The sample (and protocol) a record belongs to: the cells that shared one prefill."""
+    return (record["task"], record["length"], record["sample"], record.get("seed"), record["protocol"])
+
+
+def shared_scoring_seconds(records: list[dict[str, Any]]) -> dict[tuple, float]:
+    """Per sample: the seconds spent on attention statistics, summed over its cells (each statistic
+    is computed by the first cell that asks for it and counted there)."""
+    totals: dict[tuple, float] = defaultdict(float)
+    for record in records:
+        totals[sample_key(record)] += float(record["seconds"]["scoring"])
+    return totals
+
+
+def metric_name(record: dict[str, Any]) -> str:
+    """What a record's score measures (records written before the field existed: from its task)."""
+    if "metric" in record:
+        return record["metric"]
+    if "kl" in record.get("metrics", {}):
+        return "top1_agreement"
+    from kvmerger.evaluation.tasks import TASKS
+
+    metric = getattr(TASKS.get(record.get("task_name", "")), "metric", None)
+    return metric if isinstance(metric, str) else "score"
+
+
+def _row(key: tuple, cells: list[dict[str, Any]], shared: dict[tuple, float]) -> Row:
     task, protocol, label, budget = key
     scores = [float(cell["score"]) for cell in cells]
     stderr = statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
@@ -128,13 +169,17 @@ def _row(key: tuple, cells: list[dict[str, Any]]) -> Row:
         budget=float(budget),
         cells=len(cells),
         lengths=sorted({int(cell["length"]) for cell in cells}),
+        metric="/".join(sorted({metric_name(cell) for cell in cells})),
         score=statistics.fmean(scores),
         score_stderr=stderr,
         perplexity=perplexity,
         kl=kl,
         top1_agreement=top1,
         memory_ratio=statistics.fmean(cell["cache"]["memory_ratio"] for cell in cells),
-        scoring_ms=1e3 * statistics.fmean(cell["seconds"]["scoring"] for cell in cells),
+        cache_memory_ratio=statistics.fmean(
+            cell["cache"].get("cache_memory_ratio", cell["cache"]["memory_ratio"]) for cell in cells
+        ),
+        shared_scoring_ms=1e3 * statistics.fmean(shared[sample_key(cell)] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
         **(_kl_tail(cells) if language_modeling else {}),
@@ -214,21 +259,53 @@ def variants(rows: list[Row]) -> list[tuple[str, str, float]]:
     return sorted(seen, key=lambda v: (method_order(v[0], v[1]), -v[2]))
 
 
+def has_kept_layers(rows: list[Row]) -> bool:
+    """Whether some layers were not compressed (sliding-window layers), so the whole cache shrank less."""
+    return any(abs(row.cache_memory_ratio - row.memory_ratio) > 1e-9 for row in rows)
+
+
 def results_table(rows: list[Row]) -> str:
-    """A Markdown table: one line per method and budget, one column per task (or LM metric)."""
+    """A Markdown table: one line per method and budget, one column per task (or LM metric); memory
+    over the compressed layers, and over the whole cache too when some layers were kept as they are."""
     cols = columns(rows)
     index = {(row.task, row.protocol, row.method, row.budget): row for row in rows}
-    header = ["method", "budget", *(column.title for column in cols), "memory"]
+    whole = has_kept_layers(rows)
+    header = ["method", "budget", *(column.title for column in cols), "memory"] + (["whole cache"] if whole else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, _, budget in variants(rows):
-        cells, memory = [], []
+        cells, memory, cache = [], [], []
         for column in cols:
             row = index.get((column.task, column.protocol, label, budget))
             cells.append("" if row is None else column.format(column.value(row)))
             if row is not None:
                 memory.append(row.memory_ratio)
-        memory_text = f"{statistics.fmean(memory):.0%}" if memory else ""
-        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, memory_text]) + " |")
+                cache.append(row.cache_memory_ratio)
+        ratios = [memory, cache] if whole else [memory]
+        texts = [f"{statistics.fmean(values):.0%}" if values else "" for values in ratios]
+        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, *texts]) + " |")
+    return "\n".join(lines)
+
+
+def question_table(records: Iterable[dict[str, Any]]) -> str:
+    """Markdown: for tasks with several questions per context (compress once, ask many), the mean score
+    of each question, in the order the task asks them, per task, protocol, method and budget ("" if none)."""
+    scores: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    names: dict[tuple, str] = {}
+    for record in records:
+        for number, question in enumerate(record.get("questions") or [], start=1):
+            key = (record["task"], record["protocol"], record["method_label"], record["budget"])
+            names[key] = record["method"]
+            scores[key][number].append(float(question["score"]))
+    if not scores:
+        return ""
+    count = max(max(per_question) for per_question in scores.values())
+    header = ["task", "protocol", "method", "budget", *(f"question {n}" for n in range(1, count + 1))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ordered = sorted(scores, key=lambda k: (k[0], k[1], method_order(k[2], names[k]), -k[3]))
+    for task, protocol, label, budget in ordered:
+        per_question = scores[(task, protocol, label, budget)]
+        cells = [f"{statistics.fmean(per_question[n]):.2f}" if n in per_question else "" for n in range(1, count + 1)]
+        lines.append("| " + " | ".join([task, protocol, label, f"{budget:g}", *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -311,7 +388,9 @@ def _listing(items: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Path, info: dict[str, Any]) -> str:
+def report_markdown(
+    rows: list[Row], figures: list[tuple[str, Path]], folder: Path, info: dict[str, Any], per_question: str = ""
+) -> str:
     lines = [f"# {info.get('title', 'KV cache compression: quality at a budget')}", ""]
     model = info.get("model", {})
     if model:
@@ -323,12 +402,7 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
         )
         lines.append("")
     lines += [
-        "Scores are means over samples, in [0, 1], higher is better (pass key: key found; needle: recall of the "
-        "needle's words; lm: see KL and ppl). lm KL is the mean KL divergence from the full cache's next-token "
-        "distribution per token (nats, lower is better); lm ppl is the perplexity of the continuation. Memory is "
-        "the compressed prompt cache over the full one. Query-aware: the first answer token comes from the "
-        "full-cache prefill, every later one from the compressed cache (so on the needle a method that lost it "
-        "can still score 1/7, from that first word).",
+        score_explanation(rows),
         "",
         results_table(rows),
         "",
@@ -349,6 +423,17 @@ def report_markdown(rows: list[Row], figures: list[tuple[str, Path]], folder: Pa
             f"Samples per method and budget: {_sample_counts(rows)}. With n samples a score moves in steps of 1/n, so "
             "small differences on retrieval tasks are within noise; the language-modelling numbers are the "
             "finer signal.",
+        ]
+    if per_question:
+        lines += [
+            "",
+            "## Per question",
+            "",
+            "Tasks with several questions over one context: the mean score of each question, in the order the "
+            "task asks them. Query-agnostic: the context compressed once, each question answered from its own copy "
+            "of that compressed cache (compress once, ask many); query-aware: one prefill per question.",
+            "",
+            per_question,
         ]
     lines += ["", "## Figures", ""]
     for title, path in figures:
@@ -372,6 +457,47 @@ def _kl_tail_section(rows: list[Row]) -> list[str]:
         table,
         "",
     ]
+
+
+METRIC_TEXT = {
+    "contains_answer": "the key (or answer) found in the answer",
+    "keyword_recall": "recall of the needle's words",
+    "string_match_all": "share of the expected values found (RULER's string_match_all)",
+}
+
+
+def score_explanation(rows: list[Row]) -> str:
+    """What the numbers of the table mean, for the tasks and protocols of these rows only."""
+    metrics: dict[str, str] = {}
+    for row in rows:
+        if not row.is_language_modeling:
+            metrics.setdefault(row.task, row.metric)
+    parts = []
+    if metrics:
+        described = "; ".join(f"{task}: {METRIC_TEXT.get(metric, metric)}" for task, metric in metrics.items())
+        parts.append(f"Scores are means over samples, in [0, 1], higher is better ({described}).")
+    if any(row.is_language_modeling for row in rows):
+        parts.append(
+            "Language modelling: KL is the mean KL divergence from the full cache's next-token distribution per "
+            "token (nats, lower is better); ppl is the perplexity of the continuation."
+        )
+    parts.append(
+        "Memory is the compressed prompt cache over the full one"
+        + (
+            " in the compressed (full-attention) layers; whole cache also counts the sliding-window layers, which "
+            "keep transformers' own cache of at most the window and are never compressed."
+            if has_kept_layers(rows)
+            else "."
+        )
+    )
+    if any(row.protocol == "query-aware" for row in rows):
+        needle = any(metric == "keyword_recall" for metric in metrics.values())
+        parts.append(
+            "Query-aware: the first answer token comes from the full-cache prefill, every later one from the "
+            "compressed cache"
+            + (" (so on the needle a method that lost it can still score 1/7, from that first word)." if needle else ".")
+        )
+    return " ".join(parts)
 
 
 def _sample_counts(rows: list[Row]) -> str:
@@ -408,5 +534,5 @@ def write_outputs(folder: Path, info: dict[str, Any] | None = None) -> Outputs:
     summary = folder / "summary.csv"
     write_atomically(summary, summary_csv(rows))
     report = folder / "report.md"
-    write_atomically(report, report_markdown(rows, figures, folder, info))
+    write_atomically(report, report_markdown(rows, figures, folder, info, question_table(records)))
     return Outputs(rows, results_table(rows), summary, report, figures)

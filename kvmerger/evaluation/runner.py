@@ -23,6 +23,7 @@ pass per kind of statistic, and then only compression and decoding per method.
 from __future__ import annotations
 
 import datetime
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
@@ -30,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kvmerger.engine.session import Prefill, compress_prefill, record_prefill
-from kvmerger.evaluation.generation import answer_query_agnostic, answer_query_aware, feed, stop_token_ids
+from kvmerger.evaluation.generation import Answer, answer_query_agnostic, answer_query_aware, feed, stop_token_ids
+from kvmerger.evaluation.progress import CellProgress
 from kvmerger.evaluation.records import RecordStore, cell_identity, cell_key, model_identity, provenance
 from kvmerger.evaluation.tasks import get_task
-from kvmerger.evaluation.tasks.base import Sample, Task
+from kvmerger.evaluation.tasks.base import Question, Sample, Task
 from kvmerger.evaluation.tasks.language_modeling import LanguageModeling, Window
 from kvmerger.methods import METHODS, CompressionMethod, FullCache, get_method
 
@@ -98,8 +99,11 @@ class TaskPlan:
     task: Task | LanguageModeling
     lengths: tuple[int, ...]
     samples: int
+    protocols: tuple[str, ...] | None = None  # None: the run's protocols
 
     def __post_init__(self) -> None:
+        if self.protocols is not None and (not self.protocols or any(p not in PROTOCOLS for p in self.protocols)):
+            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
         self.lengths = tuple(int(length) for length in self.lengths)
         if not self.lengths or min(self.lengths) < 2:
             raise ValueError(f"context lengths must be at least 2 tokens; got {list(self.lengths)}")
@@ -107,7 +111,14 @@ class TaskPlan:
             raise ValueError(f"the number of samples must be at least 1; got {self.samples}")
 
     @classmethod
-    def parse(cls, text: str, lengths: Iterable[int], samples: int, shared: dict[str, Any] | None = None) -> TaskPlan:
+    def parse(
+        cls,
+        text: str,
+        lengths: Iterable[int],
+        samples: int,
+        shared: dict[str, Any] | None = None,
+        protocols: tuple[str, ...] | None = None,
+    ) -> TaskPlan:
         """From a spec "name:param=value,..."; `shared` parameters go to the tasks that have them."""
         from kvmerger.evaluation.tasks import TASKS
 
@@ -115,7 +126,7 @@ class TaskPlan:
         if name in TASKS:
             known = {f.name for f in fields(TASKS[name])}
             params = {**{k: v for k, v in (shared or {}).items() if k in known}, **params}
-        return cls(get_task(name, **params), tuple(lengths), samples)
+        return cls(get_task(name, **params), tuple(lengths), samples, protocols)
 
     @property
     def label(self) -> str:
@@ -185,7 +196,10 @@ class RunSettings:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tasks": [{"task": plan.task.describe(), "lengths": plan.lengths, "samples": plan.samples} for plan in self.plans],
+            "tasks": [
+                {"task": plan.task.describe(), "lengths": plan.lengths, "samples": plan.samples, "protocols": plan.protocols}
+                for plan in self.plans
+            ],
             "methods": [{"method": spec.name, "params": spec.params} for spec in self.methods],
             "budgets": self.budgets,
             "protocols": self.protocols,
@@ -288,7 +302,10 @@ class Runner:
         labels = [method_label(method) for method in variants]
         groups, total = [], 0
         for plan in self.settings.plans:
-            protocols = [TEACHER_FORCED] if plan.is_language_modeling else self.settings.protocols
+            if plan.is_language_modeling:
+                protocols = [TEACHER_FORCED]
+            else:
+                protocols = list(plan.protocols) if plan.protocols is not None else self.settings.protocols
             task_info, label = plan.task.describe(), plan.label
             for length in plan.lengths:
                 samples = plan.task.samples(self.tokenizer, length, plan.samples, self.settings.seed)
@@ -313,7 +330,7 @@ class Runner:
         self.check_model(loaded.records)
         groups, total = self.groups(loaded.keys)
         pending = sum(len(group.cells) for group in groups)
-        bar = tqdm(total=pending, unit="cell", disable=not self.progress, dynamic_ncols=True)
+        bar = CellProgress(groups, enabled=self.progress)
         try:
             for group in groups:
                 bar.set_description(f"{group.plan.label} {group.length} #{group.index} {group.protocol}")
@@ -321,48 +338,59 @@ class Runner:
                     self.run_language_modeling(group, bar)
                 else:
                     self.run_question_answering(group, bar)
+                bar.group_done(group)
         finally:
             bar.close()
         return RunOutcome(self.store.folder, total, total - pending, pending, loaded.truncated, time.perf_counter() - start)
 
-    def run_question_answering(self, group: Group, bar: tqdm) -> None:
+    def run_question_answering(self, group: Group, bar: CellProgress) -> None:
+        """Query-aware: one prefill of context + question per question, every cell compressing it.
+        Query-agnostic (compress once, ask many): one prefill of the context, compressed once per
+        cell, every question asked from its own copy of that compressed cache."""
         task, sample = group.plan.task, group.sample
+        questions = sample.questions()
         context_ids = self._ids(sample.context, special=True)
-        question_ids = self._ids(sample.question, special=False)
-        aware = group.protocol == "query-aware"
-        prompt_ids = torch.cat([context_ids, question_ids], dim=1) if aware else context_ids
-        self._check_fits(group, context_ids.shape[1] + question_ids.shape[1] + task.max_new_tokens)
-        prefill = record_prefill(self.model, prompt_ids)
-        options = dict(
-            max_new_tokens=task.max_new_tokens, stop_strings=task.stop_strings, eos_ids=self.eos_ids
-        )
-        for cell in group.cells:
-            bar.set_postfix_str(cell.label + _budget_suffix(cell.method), refresh=False)
-            cache, report = compress_prefill(prefill, cell.method)
-            if aware:
-                answer = answer_query_aware(self.model, self.tokenizer, prefill.last_logits, cache, **options)
-            else:
-                answer = answer_query_agnostic(
-                    self.model, self.tokenizer, prefill.last_logits, cache, question_ids, **options
-                )
-            del cache
-            result = {
-                "answers": sample.answers,
-                "prediction": answer.text,
-                "stop": answer.stop,
-                "generated_tokens": len(answer.tokens),
-                "score": float(task.score(answer.text, sample)),
-                "metrics": {},
-            }
-            self._append(group, cell, prefill, report, result, answer.seconds, question_ids.shape[1])
+        question_ids = [self._ids(question.question, special=False) for question in questions]
+        longest = max(ids.shape[1] for ids in question_ids)
+        self._check_fits(group, context_ids.shape[1] + longest + task.max_new_tokens)
+        options = dict(max_new_tokens=task.max_new_tokens, stop_strings=task.stop_strings, eos_ids=self.eos_ids)
+        outcomes: dict[str, CellOutcome] = {cell.key: CellOutcome() for cell in group.cells}
+
+        def finish(cell: Cell) -> None:  # each cell is written as soon as its last question is answered
+            outcome = outcomes[cell.key]
+            self._append(group, cell, outcome, outcome.result(task.metric), longest)
             bar.update(1)
 
-    def run_language_modeling(self, group: Group, bar: tqdm) -> None:
+        if group.protocol == "query-aware":
+            for number, (question, ids) in enumerate(zip(questions, question_ids, strict=True), start=1):
+                prefill = record_prefill(self.model, torch.cat([context_ids, ids], dim=1), tokenizer=self.tokenizer)
+                for cell in group.cells:
+                    bar.set_postfix_str(cell.label + _budget_suffix(cell.method), refresh=False)
+                    cache, report = compress_prefill(prefill, cell.method)
+                    answer = answer_query_aware(self.model, self.tokenizer, prefill.last_logits, cache, **options)
+                    outcomes[cell.key].add(prefill, report, question, answer, task.score(answer.text, sample.asking(question)))
+                    del cache
+                    if number == len(questions):
+                        finish(cell)
+        else:
+            prefill = record_prefill(self.model, context_ids, tokenizer=self.tokenizer)
+            for cell in group.cells:
+                bar.set_postfix_str(cell.label + _budget_suffix(cell.method), refresh=False)
+                cache, report = compress_prefill(prefill, cell.method)
+                for question, ids in zip(questions, question_ids, strict=True):
+                    answer = answer_query_agnostic(
+                        self.model, self.tokenizer, prefill.last_logits, cache.fork(), ids, **options
+                    )
+                    outcomes[cell.key].add(prefill, report, question, answer, task.score(answer.text, sample.asking(question)))
+                del cache
+                finish(cell)
+
+    def run_language_modeling(self, group: Group, bar: CellProgress) -> None:
         task, window = group.plan.task, group.sample
         prefix = torch.tensor([window.prefix_ids], device=self.device)
         fed, targets = window.fed.to(self.device), window.targets.to(self.device)
         self._check_fits(group, prefix.shape[1] + fed.shape[1])
-        prefill = record_prefill(self.model, prefix)
+        prefill = record_prefill(self.model, prefix, tokenizer=self.tokenizer)
         full_cache, full_report = compress_prefill(prefill, FullCache())
         started = time.perf_counter()
         reference = feed(self.model, full_cache, fed, last_only=False)
@@ -379,8 +407,13 @@ class Runner:
                 seconds = time.perf_counter() - started
                 del cache
             metrics = task.measure(reference, logits, targets)
-            result = {"score": metrics["top1_agreement"], "metrics": metrics, "scored_tokens": targets.shape[1]}
-            self._append(group, cell, prefill, report, result, seconds, fed.shape[1])
+            result = {
+                "score": metrics["top1_agreement"],
+                "metric": "top1_agreement",
+                "metrics": metrics,
+                "scored_tokens": targets.shape[1],
+            }
+            self._append(group, cell, CellOutcome.single(prefill, report, seconds), result, fed.shape[1])
             bar.update(1)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -397,15 +430,9 @@ class Runner:
             )
 
     def _append(
-        self,
-        group: Group,
-        cell: Cell,
-        prefill: Prefill,
-        report,
-        result: dict[str, Any],
-        decoding_seconds: float,
-        question_tokens: int,
+        self, group: Group, cell: Cell, outcome: CellOutcome, result: dict[str, Any], question_tokens: int
     ) -> None:
+        report = outcome.report
         merged = report.merge_set_sizes()
         merged_sets = sum(merged.values())
         record = {
@@ -421,7 +448,7 @@ class Runner:
             "method_label": cell.label,
             "method_params": cell.method.describe(),
             "budget": float(cell.method.budget),
-            "prefill_tokens": prefill.length,
+            "prefill_tokens": outcome.prefill_tokens,
             "question_tokens": question_tokens,
             "sample_meta": group.sample.meta,
             **result,
@@ -429,19 +456,89 @@ class Runner:
                 "bytes_before": report.bytes_before,
                 "bytes_after": report.bytes_after,
                 "memory_ratio": report.memory_ratio,
+                "cache_bytes_before": report.cache_bytes_before,
+                "cache_bytes_after": report.cache_bytes_after,
+                "cache_memory_ratio": report.cache_memory_ratio,
+                "kept_layers": [layer.layer for layer in report.kept_layers],
                 "slots_after": [layer.slots_after for layer in report.layers],
                 "merge_sets": merged_sets,
                 "mean_merge_set_size": (sum(s * n for s, n in merged.items()) / merged_sets) if merged_sets else None,
             },
             "seconds": {
-                "prefill": prefill.seconds,
-                "scoring": report.seconds_scoring,
-                "compressing": report.seconds_compressing,
-                "decoding": decoding_seconds,
+                "prefill": outcome.prefill_seconds,
+                "scoring": outcome.scoring_seconds,
+                "compressing": outcome.compressing_seconds,
+                "decoding": outcome.decoding_seconds,
             },
             "provenance": {**self.provenance, "date": _now()},
         }
         self.store.append(record)
+
+
+@dataclass
+class CellOutcome:
+    """What one cell did over its sample's questions: the first compression's report, summed times
+    (prefills, statistics, compression, answers) and one result per question."""
+
+    report: Any = None
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    compressing_seconds: float = 0.0
+    decoding_seconds: float = 0.0
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    _reports: set[int] = field(default_factory=set)
+    _prefills: set[int] = field(default_factory=set)
+
+    @classmethod
+    def single(cls, prefill: Prefill, report, decoding_seconds: float) -> CellOutcome:
+        outcome = cls()
+        outcome.count(prefill, report)
+        outcome.decoding_seconds = decoding_seconds
+        return outcome
+
+    def count(self, prefill: Prefill, report) -> None:
+        """Add a prefill's and a compression's times, once each."""
+        if self.report is None:
+            self.report, self.prefill_tokens = report, prefill.length
+        if id(prefill) not in self._prefills:
+            self._prefills.add(id(prefill))
+            self.prefill_seconds += prefill.seconds
+        if id(report) not in self._reports:
+            self._reports.add(id(report))
+            self.scoring_seconds += report.seconds_scoring
+            self.compressing_seconds += report.seconds_compressing
+
+    def add(self, prefill: Prefill, report, question: Question, answer: Answer, score: float) -> None:
+        self.count(prefill, report)
+        self.decoding_seconds += answer.seconds
+        self.answers.append(
+            {
+                "question": question.question,
+                "answers": question.answers,
+                "prediction": answer.text,
+                "stop": answer.stop,
+                "generated_tokens": len(answer.tokens),
+                "score": float(score),
+            }
+        )
+
+    def result(self, metric: str) -> dict[str, Any]:
+        """The record's result fields: the first question's answer, the mean score (`metric`, the
+        task's), and with several questions every question's own result (`questions`)."""
+        first = self.answers[0]
+        result = {
+            "answers": first["answers"],
+            "prediction": first["prediction"],
+            "stop": first["stop"],
+            "generated_tokens": first["generated_tokens"],
+            "score": statistics.fmean(answer["score"] for answer in self.answers),
+            "metric": metric,
+            "metrics": {},
+        }
+        if len(self.answers) > 1:
+            result["questions"] = self.answers
+        return result
 
 
 def _budget_label(label: str, method: CompressionMethod) -> str:

@@ -46,6 +46,7 @@ class SuiteTask:
     task: str  # a task spec, "name" or "name:param=value,..."
     lengths: tuple[int, ...]
     samples: int
+    protocols: tuple[str, ...] | None = None  # None: the suite's protocols
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Suite:
     def settings(
         self, methods: Iterable[MethodSpec] | None = None, budgets: Iterable[float] | None = None, seed: int = 0
     ) -> RunSettings:
-        plans = [TaskPlan.parse(item.task, item.lengths, item.samples) for item in self.tasks]
+        plans = [TaskPlan.parse(item.task, item.lengths, item.samples, protocols=item.protocols) for item in self.tasks]
         return RunSettings(
             plans=plans,
             methods=list(methods) if methods is not None else paper_comparison(),

@@ -7,6 +7,7 @@ Importing this package imports every module in it, which registers each method b
 import importlib
 import pkgutil
 
+import kvmerger.engine  # noqa: F401  (first: the engine's session imports methods.base, which imports engine.scoring)
 from kvmerger.methods.base import (
     METHODS,
     CompressionMethod,

@@ -95,6 +95,7 @@ from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, fi
 
 RIDGE_FLOOR = 1e-6  # relative to the mean eigenvalue; the reference code's fallback ridge
 QUERY_CHUNK = 512  # reference-query rows per chunk when computing full-cache targets
+REFERENCES = ("prompt", "reconstruction")  # where reference queries come from
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,16 +123,37 @@ def sample_positions(length: int, count: int | None, recent: int, seed: int) -> 
     return torch.cat([drawn.sort().values, torch.arange(others, length)])
 
 
-def reference_queries(scores: LayerScores, count: int | None, recent: int, seed: int) -> ReferenceQueries:
-    """The prompt's own query states at sampled positions, grouped by the KV head they attend with."""
+def reference_queries(
+    scores: LayerScores, count: int | None, recent: int, seed: int, source: str = "prompt"
+) -> ReferenceQueries:
+    """Reference queries grouped by the KV head they attend with.
+
+    `source="prompt"`: the prompt's own query states at `sample_positions`. `"reconstruction"`: the
+    query states of KVzip's repeat pass (`LayerScores.reconstruction_queries`, the attention-matching
+    paper's "repeat-prefill" queries), `count` of them evenly spaced (None: all); each saw the whole
+    prompt, so it stands at the last prompt position for the causal restriction.
+    """
     if scores.query is None:
         raise ValueError("attention fitting needs the layer's query states; these scores were given precomputed")
     batch, q_heads, length, dim = scores.query.shape
     kv_heads = scores.key.shape[1]
-    positions = sample_positions(length, count, recent, seed).to(scores.query.device)
-    picked = scores.query[:, :, positions].float() * scores.scaling  # [B, Hq, n, d]
+    if source == "reconstruction":
+        states = scores.reconstruction_queries()
+        available = states.shape[2]
+        if count is not None and count < available:
+            states = states[:, :, torch.linspace(0, available - 1, count).round().long().to(states.device)]
+        positions = torch.full((states.shape[2],), length - 1, dtype=torch.long, device=states.device)
+    else:
+        positions = sample_positions(length, count, recent, seed).to(scores.query.device)
+        states = scores.query[:, :, positions]
+    picked = states.float() * scores.scaling  # [B, Hq, n, d]
     queries = picked.reshape(batch * kv_heads, (q_heads // kv_heads) * positions.numel(), dim)
     return ReferenceQueries(queries, positions.repeat(q_heads // kv_heads))
+
+
+def check_reference(source: str) -> None:
+    if source not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {source!r}")
 
 
 @dataclass
@@ -374,22 +396,27 @@ class AttentionMatching(CompressionMethod):
     bias_ridge: float = 0.0
     ridge: float = 0.1  # relative; 0: the reference code's unregularised value fit (see the docstring)
     seed: int = 0
+    reference: str = "prompt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_fit_fields(self)
+        check_reference(self.reference)
         if not isinstance(self.bias_bound, (int, float)) or not 0 < self.bias_bound <= 80:
             raise ValueError(f"bias_bound must be in (0, 80] (weights in [e^-bound, e^bound]), got {self.bias_bound!r}")
 
     def stores_bias(self) -> bool:
         return True
 
+    def needs_reconstruction(self) -> bool:
+        return self.reference == "reconstruction"
+
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
         scale = row_scale(values)
-        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed)
+        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed, self.reference)
         token_from = torch.arange(length, device=keys.device).expand(rows, length) if self.causal else None
         targets = full_cache_targets(ref, keys, values.float() / scale, token_from)
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import LayerScores
+from kvmerger.engine.scoring import SCORE_SOURCES, STATISTICS, LayerScores
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 BIAS_BYTES = 4  # one float32 logit per slot and KV head
@@ -146,8 +146,11 @@ class CompressionMethod(ABC):
             METHODS[cls.name] = cls
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) <= 1.0:
-            raise ValueError(f"budget must be in (0, 1] (the share of the prompt's cache kept), got {self.budget!r}")
+        number = isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool)  # True is not 1.0
+        if not number or not 0.0 < float(self.budget) <= 1.0:
+            raise ValueError(
+                f"budget must be in (0, 1] (the share of the prompt's cache kept, a number), got {self.budget!r}"
+            )
 
     def target_slots(self, length: int, slot_bytes: int = 0) -> int:
         """Slots per KV head for a prompt of `length` tokens.
@@ -179,6 +182,16 @@ class CompressionMethod(ABC):
         """Whether every layer and head ends with exactly `target_slots` slots (the engine checks it)."""
         return True
 
+    def attention_received(self, scores: LayerScores) -> torch.Tensor:
+        """[B, Hkv, T]: the attention each prompt token received, where holding the budget during
+        generation starts from; computed as the method computes its own (its `statistic` field, if any)."""
+        return scores.aggregated_attention(getattr(self, "statistic", "exact"))
+
+    def needs_reconstruction(self) -> bool:
+        """Whether this method's scores come from KVzip's reconstruction pass (engine.reconstruction),
+        which runs the model again over the prompt once every layer is prefilled."""
+        return False
+
     @abstractmethod
     def compress(self, layer: LayerInput) -> LayerOutput:
         """Return the compressed keys and values of one layer. Must not modify the inputs."""
@@ -209,6 +222,23 @@ def get_method(name: str, **params: Any) -> CompressionMethod:
 # --------------------------------------------------------------------------------------------
 # Helpers shared by methods
 # --------------------------------------------------------------------------------------------
+
+
+def check_statistic(name: str) -> None:
+    if name not in STATISTICS:
+        raise ValueError(
+            f"statistic must be one of {', '.join(STATISTICS)} (the aggregated attention from every query, or "
+            f"estimated from a sample of them), got {name!r}"
+        )
+
+
+def check_score_source(name: str, field_name: str = "score") -> None:
+    parts = name.split("+") if isinstance(name, str) else [name]
+    if any(part not in SCORE_SOURCES for part in parts) or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"{field_name} must be one of {', '.join(SCORE_SOURCES)} or several of them joined by '+' "
+            f"(combined by rank; see docs/METHOD.md), got {name!r}"
+        )
 
 
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -107,7 +107,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState, keep_slots
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState, check_statistic, keep_slots
 from kvmerger.methods.h2o import check_recent_share, heavy_hitters_and_recent, hold_keep_indices, recent_slots
 from kvmerger.methods.random_eviction import uniform_draws
 
@@ -132,9 +132,11 @@ class CaM(CompressionMethod):
     recent_share: float = 0.5
     seed: int = 0
     merge: str = "add"
+    statistic: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_statistic(self.statistic)
         if self.merge not in MERGE_RULES:
             raise ValueError(f"merge must be one of {MERGE_RULES} (add: CaM's rule; average: the guard), got {self.merge!r}")
         if not isinstance(self.merge_window, int) or isinstance(self.merge_window, bool) or self.merge_window < 1:
@@ -146,7 +148,7 @@ class CaM(CompressionMethod):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def compress(self, layer: LayerInput) -> LayerOutput:
-        attention = layer.scores.aggregated_attention()  # [B, Hkv, T]
+        attention = layer.scores.aggregated_attention(self.statistic)  # [B, Hkv, T]
         keep = heavy_hitters_and_recent(attention, layer.slots, recent_slots(self.recent_share, layer.slots))
         evicted = torch.ones_like(attention, dtype=torch.bool).scatter(-1, keep, False)
         uniforms = uniform_draws(tuple(attention.shape), attention.device, self.seed, layer.layer_idx)

@@ -70,6 +70,7 @@ from typing import ClassVar
 import torch
 
 from kvmerger.methods.attention_matching import (
+    check_reference,
     fit_report,
     fit_slot_values,
     fit_slot_weights,
@@ -108,36 +109,54 @@ class FittedKVMerger(CompressionMethod):
     bias_ridge: float = 0.1
     ridge: float = 0.1
     seed: int = 0
+    score: str = "aggregated"
+    reference: str = "prompt"
+    statistic: str = "exact"
+    recent_share: float | None = None
+    topk_share: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for kind in ("recent", "topk"):
+            if getattr(self, f"{kind}_ratio") is not None and getattr(self, f"{kind}_share") is not None:
+                raise ValueError(f"give {kind}_ratio (a share of the prompt) or {kind}_share (of the budget), not both")
         self.merger()  # validates KVMerger's knobs
         validate_fit_fields(self)
+        check_reference(self.reference)
         if self.slot_keys not in KEY_CHOICES:
             raise ValueError(f"slot_keys must be one of {KEY_CHOICES}, got {self.slot_keys!r}")
         if not isinstance(self.bias_range, (int, float)) or not 0 < self.bias_range <= 80:
             raise ValueError(f"bias_range must be in (0, 80] (weights within e^range of |S|), got {self.bias_range!r}")
 
     def protection(self) -> tuple[float, float]:
-        """(recent_ratio, topk_ratio): the fields, or by default half and a fifth of the budget."""
+        """(recent_ratio, topk_ratio) as shares of the prompt: the ratio fields, else the share fields
+        times the budget (by default half and a fifth of the budget)."""
+        recent_share = RECENT_SHARE if self.recent_share is None else self.recent_share
+        topk_share = TOPK_SHARE if self.topk_share is None else self.topk_share
         return (
-            self.budget * RECENT_SHARE if self.recent_ratio is None else self.recent_ratio,
-            self.budget * TOPK_SHARE if self.topk_ratio is None else self.topk_ratio,
+            self.budget * recent_share if self.recent_ratio is None else self.recent_ratio,
+            self.budget * topk_share if self.topk_ratio is None else self.topk_ratio,
         )
 
     def merger(self) -> KVMerger:
         """The KVMerger whose merging sets this method fits."""
         recent, topk = self.protection()
-        return KVMerger(budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma)
+        return KVMerger(
+            budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score,
+            statistic=self.statistic,
+        )
 
     def stores_bias(self) -> bool:
         return True
+
+    def needs_reconstruction(self) -> bool:
+        return "reconstruction" in self.score.split("+") or self.reference == "reconstruction"
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.aggregated_attention().flatten(0, 1)
+        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
         merger = self.merger()
         sets = merger.identify(keys, attention, layer.slots)
         slots = int(sets.count.max())
@@ -152,7 +171,7 @@ class FittedKVMerger(CompressionMethod):
         set_end = torch.full((rows, slots), -1, dtype=torch.long, device=keys.device)
         set_end = set_end.scatter_reduce(1, sets.segment, position, reduce="amax")  # [N, S]
         scale = row_scale(values)
-        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed)
+        ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed, self.reference)
         token_from = set_end.gather(1, sets.segment) if self.causal else None
         targets = full_cache_targets(ref, keys, values.float() / scale, token_from)
         features = slot_features(ref, slot_keys, targets.shift, set_end if self.causal else None)

@@ -40,6 +40,7 @@ from kvmerger.methods.base import (
     LayerInput,
     LayerOutput,
     SlotState,
+    check_statistic,
     gather_tokens,
     keep_slots,
     top_indices,
@@ -90,14 +91,16 @@ class H2O(CompressionMethod):
 
     budget: float = 0.5
     recent_share: float = 0.5
+    statistic: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_recent_share(self.recent_share)
+        check_statistic(self.statistic)
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         recent = recent_slots(self.recent_share, layer.slots)
-        keep = heavy_hitters_and_recent(layer.scores.aggregated_attention(), layer.slots, recent)
+        keep = heavy_hitters_and_recent(layer.scores.aggregated_attention(self.statistic), layer.slots, recent)
         output = gather_tokens(layer, keep)
         output.notes = {"recent": recent, "heavy_hitters": layer.slots - recent}
         return output

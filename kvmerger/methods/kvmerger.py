@@ -32,18 +32,31 @@ Choices where the paper is silent or uncertain (each one a parameter):
 * Protected fractions: ``None`` takes the paper's settings, 0.17 / 0.12 at budget 0.5 and
   0.08 / 0.02 at 0.35; other budgets interpolate linearly through (0, 0, 0), (0.35, ...), (0.5, ...)
   and scale in proportion to budget / 0.5 above 0.5.
-* ``exact`` mode when protection leaves no room: with ``S`` slots, ``n_recent <= S - 1`` and
-  ``n_topk <= (S - n_recent - 1) // 2`` guarantee every head can reach exactly ``S`` slots (each
-  unprotected run needs at least one slot, and top-k tokens split at most n_topk + 1 runs); top-k
-  protection shrinks first, then the recent window, and the statistics say so.
+* ``exact`` mode when protection leaves no room: every unprotected run between protected tokens needs
+  at least one slot, so a head reaches exactly ``S`` slots iff protected tokens plus unprotected runs
+  are at most ``S``. The recent window is cut to ``S - 1`` if needed; then each head keeps the largest
+  number ``k <= n_topk`` of its top-scored tokens that meets that bound (found by a binary search
+  over ``k``, vectorised over heads; the count only grows with ``k``). Heavy hitters that sit next to
+  each other (a number's digits, the sinks) split few runs, so heads keep most of what was asked;
+  the statistics say how much was kept. (The paper's settings never reach the bound.)
 * ``size_bias=False`` (default, as in the paper): a merged slot is one term of the softmax. With
   ``size_bias=True`` (docs/METHOD.md section 5, "size-aware attention", as in token merging for
   vision transformers) the slot carries an additive logit bias ``log |S|``, so the group keeps
   the attention mass of its |S| tokens in numerator and denominator; the bias is one float per
   slot and counts in the cache's bytes.
+* ``score="aggregated"`` (default, the paper's): the attention statistic behind the protected top-k
+  tokens and each set's pivot is H2O's, summed over every prompt query. The other score sources of
+  the engine (docs/METHOD.md section 7b, `LayerScores.source`) can take its place: ``window`` (the
+  last 32 prompt queries' attention, pooled over 5 keys, as SnapKV), ``reconstruction`` (KVzip's
+  repeat pass: the largest attention a key gets while the model repeats the prompt) and
+  ``expected`` (Expected Attention's Gaussian model of future queries). Only the ranking changes;
+  the merge is the same.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
-* Numerics: everything in float32 on keys and values rescaled by their row's largest magnitude, so
-  zero-norm keys, identical keys, a sigma that would be 0, bf16 and huge inputs give finite results.
+* Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
+  [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
+  is kept bit for bit); zero-norm keys, identical keys and a sigma that would be 0 give finite
+  results, and keys beyond float32's squares (~1e18) are measured in units of their row's largest
+  magnitude. The width's floor is 1e-6 of the row's largest |key|.
 """
 
 from __future__ import annotations
@@ -59,8 +72,9 @@ from kvmerger.methods.base import (
     LayerInput,
     LayerOutput,
     SlotState,
+    check_score_source,
+    check_statistic,
     finite_as,
-    row_scale,
     top_indices,
 )
 
@@ -90,8 +104,9 @@ class MergingSets:
     merged_pairs: torch.Tensor  # [N, T-1] bool: pair (t, t+1) is in one set
     similarity: torch.Tensor  # [N, T-1] float32: cos(k_t, k_{t+1})
     n_recent: int
-    n_topk: int
+    n_topk: int  # top-scored tokens asked to be protected (each row kept `topk_kept` of them)
     protection_shrunk: bool
+    topk_kept: torch.Tensor  # [N] long
 
 
 @dataclass
@@ -109,9 +124,15 @@ class KVMerger(CompressionMethod):
     sigma: float | None = None
     scale_values_by_set_size: bool = False
     size_bias: bool = False
+    score: str = "aggregated"
+    recent_share: float | None = None
+    topk_share: float | None = None
+    statistic: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_score_source(self.score)
+        check_statistic(self.statistic)
         if self.size_bias and self.scale_values_by_set_size:
             raise ValueError(
                 "size_bias already gives a merged slot the weight of its |S| tokens in the softmax; "
@@ -121,10 +142,15 @@ class KVMerger(CompressionMethod):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not -1.0 <= self.eps <= 1.0:
             raise ValueError(f"eps is a cosine similarity threshold and must be in [-1, 1], got {self.eps}")
-        for field_name in ("recent_ratio", "topk_ratio"):
+        for field_name in ("recent_ratio", "topk_ratio", "recent_share", "topk_share"):
             value = getattr(self, field_name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{field_name} must be in [0, 1], got {value}")
+        for kind in ("recent", "topk"):
+            if getattr(self, f"{kind}_ratio") is not None and getattr(self, f"{kind}_share") is not None:
+                raise ValueError(
+                    f"give {kind}_ratio (a share of the prompt) or {kind}_share (a share of the budget), not both"
+                )
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"sigma must be a positive number (or None for the distance-based rule), got {self.sigma}")
         recent, topk = self.protection()
@@ -138,6 +164,9 @@ class KVMerger(CompressionMethod):
 
     def keeps_budget(self) -> bool:
         return self.mode == "exact"
+
+    def needs_reconstruction(self) -> bool:
+        return "reconstruction" in self.score.split("+")
 
     def stores_bias(self) -> bool:
         return self.size_bias
@@ -186,7 +215,13 @@ class KVMerger(CompressionMethod):
         )
 
     def protection(self) -> tuple[float, float]:
+        """(recent_ratio, topk_ratio) as shares of the prompt: the fields, the budget shares times the
+        budget, or the paper's settings."""
         recent, topk = paper_protection(self.budget)
+        if self.recent_share is not None:
+            recent = self.recent_share * self.budget
+        if self.topk_share is not None:
+            topk = self.topk_share * self.budget
         return (
             recent if self.recent_ratio is None else self.recent_ratio,
             topk if self.topk_ratio is None else self.topk_ratio,
@@ -199,10 +234,16 @@ class KVMerger(CompressionMethod):
         recent_ratio, topk_ratio = self.protection()
         n_recent = _floor_count(recent_ratio, length)
         n_topk = min(_floor_count(topk_ratio, length), length - n_recent)
+        topk_kept = torch.full((keys.shape[0],), n_topk, dtype=torch.long, device=keys.device)
         shrunk = False
         if self.mode == "exact" and slots < length:
-            n_recent, n_topk, shrunk = _fit_protection(n_recent, n_topk, slots)
-        protected = protected_tokens(attention, n_recent, n_topk)
+            shrunk = n_recent > slots - 1
+            n_recent = min(n_recent, slots - 1)
+            n_topk = min(n_topk, length - n_recent)
+            protected, topk_kept = protection_within_budget(attention, n_recent, n_topk, slots)
+            shrunk = shrunk or bool((topk_kept < n_topk).any())
+        else:
+            protected = protected_tokens(attention, n_recent, n_topk)
         similarity = adjacent_similarity(keys)
         eligible = ~protected[:, 1:] & ~protected[:, :-1]
         if self.mode == "paper":
@@ -219,13 +260,14 @@ class KVMerger(CompressionMethod):
             n_recent=n_recent,
             n_topk=n_topk,
             protection_shrunk=shrunk,
+            topk_kept=topk_kept,
         )
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.aggregated_attention().flatten(0, 1)
+        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
         sets = self.identify(keys, attention, layer.slots)
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size
@@ -236,20 +278,25 @@ class KVMerger(CompressionMethod):
         if padded or self.size_bias:
             bias = sizes.float().log() if self.size_bias else torch.zeros(rows, slots, device=keys.device)
             bias = bias.masked_fill(sizes == 0, float("-inf")).reshape(batch, heads, slots)
-        chosen = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
         return LayerOutput(
             keys=merged_keys.reshape(batch, heads, slots, dim),
             values=merged_values.reshape(batch, heads, slots, -1),
             positions=positions.reshape(batch, heads, slots),
             set_sizes=sizes.reshape(batch, heads, slots),
             bias=bias,
-            accumulated=_segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots),
+            # attention received so far, to hold the budget while generating (another score is no such sum)
+            accumulated=(
+                _segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots)
+                if self.score == "aggregated"
+                else None
+            ),
             notes={
                 "n_recent": sets.n_recent,
                 "n_topk": sets.n_topk,
+                "topk_kept_mean": float(sets.topk_kept.float().mean()),
                 "protection_shrunk": sets.protection_shrunk,
                 "real_slots_mean": float(sets.count.float().mean()),
-                "weakest_merged_similarity": float(chosen[chosen.isfinite()].mean()) if chosen.isfinite().any() else None,
+                "weakest_merged_similarity": _weakest_merged_similarity(sets),
             },
         )
 
@@ -257,6 +304,14 @@ class KVMerger(CompressionMethod):
 # --------------------------------------------------------------------------------------------
 # The steps, vectorised over rows (no loop over tokens or heads)
 # --------------------------------------------------------------------------------------------
+
+
+def _weakest_merged_similarity(sets: MergingSets) -> float | None:
+    """The least similarity among each row's merged pairs, averaged over rows that merged (None: none did)."""
+    if not bool(sets.merged_pairs.any()):  # also a one-token row, which has no pairs
+        return None
+    weakest = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
+    return float(weakest[weakest.isfinite()].mean())
 
 
 def _floor_count(ratio: float, length: int) -> int:
@@ -267,6 +322,41 @@ def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, b
     fitted_recent = min(n_recent, slots - 1)
     fitted_topk = min(n_topk, max(0, (slots - fitted_recent - 1) // 2))
     return fitted_recent, fitted_topk, (fitted_recent, fitted_topk) != (n_recent, n_topk)
+
+
+def protection_within_budget(
+    attention: torch.Tensor, n_recent: int, n_topk: int, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, T] bool protected, [N] long top-k kept): the last `n_recent` tokens and, per row, the
+    largest number k <= `n_topk` of the highest-`attention` others such that protected tokens plus
+    the unprotected runs between them fit in `slots` (so exactly `slots` remain reachable by merging).
+
+    Protected tokens plus runs never decrease as k grows, so a binary search over k (vectorised over
+    rows, log2(n_topk) steps) finds each row's largest feasible k. Requires n_recent <= slots - 1.
+    """
+    rows, length = attention.shape
+    head = length - n_recent  # tokens before the recent window: candidates for the top-k
+    rank = torch.full((rows, head), n_topk, dtype=torch.long, device=attention.device)
+    if n_topk:
+        order = top_indices(attention[:, :head].float(), n_topk)  # best first
+        rank.scatter_(1, order, torch.arange(n_topk, device=attention.device).expand(rows, -1))
+
+    def need(k: torch.Tensor) -> torch.Tensor:  # protected tokens + unprotected runs, per row
+        kept = rank < k.unsqueeze(1)
+        free = ~kept
+        starts = free & torch.cat([torch.ones_like(free[:, :1]), kept[:, :-1]], dim=1)
+        return n_recent + kept.sum(1) + starts.sum(1)
+
+    low = torch.zeros(rows, dtype=torch.long, device=attention.device)
+    high = torch.full_like(low, n_topk)
+    while bool((low < high).any()):
+        middle = (low + high + 1) // 2
+        fits = need(middle) <= slots
+        low = torch.where(fits, middle, low)
+        high = torch.where(fits, high, middle - 1)
+    protected = torch.ones_like(attention, dtype=torch.bool)
+    protected[:, :head] = rank < low.unsqueeze(1)
+    return protected, low
 
 
 def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> torch.Tensor:
@@ -282,10 +372,24 @@ def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> tor
 
 
 def adjacent_similarity(keys: torch.Tensor) -> torch.Tensor:
-    """[N, T-1] float32: cosine similarity of each key with the next (0 where a key has norm 0)."""
-    scaled = keys.float() / keys.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-    unit = scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (unit[:, 1:] * unit[:, :-1]).sum(dim=-1).clamp(-1.0, 1.0)
+    """[N, T-1] float32: cosine similarity of each key with the next (0 where a key has norm 0).
+
+    Computed from the norms and the dot products of neighbours, without unit vectors. Rows whose
+    norms leave float32's range (magnitudes beyond ~1e18) are rescaled by their largest |key| first.
+    """
+    keys = keys.float()
+    norms = torch.linalg.vector_norm(keys, dim=-1)  # [N, T]
+    if not bool(norms.isfinite().all()) or bool((norms[norms > 0] < 1e-18).any()):
+        keys = keys / _largest_magnitude(keys).clamp_min(1e-30).view(-1, 1, 1)
+        norms = torch.linalg.vector_norm(keys, dim=-1)
+    dots = (keys[:, 1:] * keys[:, :-1]).sum(dim=-1)
+    return (dots / (norms[:, 1:] * norms[:, :-1]).clamp_min(1e-30)).clamp(-1.0, 1.0)
+
+
+def _largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """[N]: the largest |x| of each row of x [N, ...], from one min-max pass."""
+    low, high = x.flatten(1).aminmax(dim=1)
+    return torch.maximum(high, -low)
 
 
 def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
@@ -301,7 +405,8 @@ def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: 
 def segment_ids(merged_pairs: torch.Tensor) -> torch.Tensor:
     """[N, T] long: runs joined by merged pairs get one id, counting up along the sequence."""
     starts = torch.cumsum((~merged_pairs).long(), dim=-1)
-    return torch.cat([torch.zeros_like(starts[:, :1]), starts], dim=-1)
+    first = starts.new_zeros(starts.shape[0], 1)  # not starts[:, :1]: a one-token row has no pairs
+    return torch.cat([first, starts], dim=-1)
 
 
 def gaussian_merge(
@@ -336,36 +441,32 @@ def gaussian_merge(
     members = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
     members = members.scatter_add(1, segment, torch.ones_like(segment))
 
-    key_scale = row_scale(keys)
-    scaled_keys = keys.float() / key_scale
-    pivot_keys = scaled_keys.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
-    distance = (scaled_keys - pivot_keys).norm(dim=-1)  # [N, T], in units of the row scale
+    # Everything in float32 on the keys and values as they are: kernel weights are in [0, 1] and sum
+    # to 1 per set, so merged keys and values stay within their members' range, and a singleton's
+    # weight is exactly 1, which keeps it bit for bit.
+    keys32, values32 = keys.float(), values.float()
+    pivot_keys = keys32.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
+    distance = torch.linalg.vector_norm(keys32 - pivot_keys, dim=-1)  # [N, T]
+    if not bool(distance.isfinite().all()):  # magnitudes beyond float32's squares: measure in row units
+        scale = _largest_magnitude(keys32).clamp_min(1e-30).view(-1, 1, 1)
+        distance = torch.linalg.vector_norm((keys32 - pivot_keys) / scale, dim=-1) * scale.view(-1, 1)
     if sigma is None:
         mean_distance = _segment_sum(distance, segment, num_segments) / members.clamp_min(1)
-        width = (mean_distance / math.sqrt(2.0)).clamp_min(SIGMA_FLOOR)
+        floor = SIGMA_FLOOR * _largest_magnitude(keys32).view(-1, 1)
+        width = torch.maximum(mean_distance / math.sqrt(2.0), floor).clamp_min(1e-30)
         z = distance / width.gather(1, segment)
     else:
-        z = distance * key_scale.view(rows, 1) / sigma  # in this order: 0 * (huge / tiny) would be nan
+        z = distance / sigma
     kernel = torch.exp(-0.5 * z.square())
     if multiplicity is not None:
         kernel = kernel * multiplicity.float()
-    weight = kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)
+    weight = (kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)).unsqueeze(-1)
 
-    merged_keys = _segment_sum(weight.unsqueeze(-1) * scaled_keys, segment, num_segments) * key_scale
-    value_scale = row_scale(values)
-    merged_values = _segment_sum(weight.unsqueeze(-1) * (values.float() / value_scale), segment, num_segments)
-    merged_values = merged_values * value_scale
-    if scale_values:
-        merged_values = merged_values * sizes.unsqueeze(-1)
-    merged_keys = _keep_singletons(finite_as(merged_keys, keys.dtype), keys, pivot, members)
-    merged_values = _keep_singletons(finite_as(merged_values, values.dtype), values, pivot, members)
-    return merged_keys, merged_values, pivot, sizes
-
-
-def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """A row that joins no set is kept bit for bit (the rescaling above may move it by an ulp)."""
-    kept = original.gather(1, pivot.clamp_min(0).unsqueeze(-1).expand(-1, -1, original.shape[-1]))
-    return torch.where((members == 1).unsqueeze(-1), kept, merged)
+    merged_keys = _segment_sum(weight * keys32, segment, num_segments).to(keys.dtype)
+    merged_values = _segment_sum(weight * values32, segment, num_segments)
+    if scale_values:  # the paper's |S| factor can leave the dtype's range: clamp it
+        merged_values = finite_as(merged_values * sizes.unsqueeze(-1), values.dtype)
+    return merged_keys, merged_values.to(values.dtype), pivot, sizes
 
 
 def _segment_sum(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -38,22 +38,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from kvmerger.engine.scoring import POOLINGS, pool_scores
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, keep_by_score
-
-POOLINGS = ("avg", "max")
-
-
-def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Pool [..., L] scores along the last dim: kernel `kernel_size` (odd), stride 1, zero padding."""
-    shape = scores.shape
-    flat = scores.float().reshape(-1, 1, shape[-1])
-    if pooling == "avg":
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    else:
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    return pooled.reshape(shape)
 
 
 @dataclass

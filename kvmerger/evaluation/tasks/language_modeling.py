@@ -12,7 +12,9 @@ Our choices:
   `context_tokens + continuation + 1` tokens: the first `context_tokens` are the prefix. The
   repetitive stress sources ("noise", "repeated", "lists", "verse", "code";
   kvmerger/evaluation/stress_texts.py) are generated, or cut from Python's own library source, from
-  the same seeded draw.
+  the same seeded draw. The tokens the tokenizer puts before any text (Gemma's `<bos>`; none for
+  the default model) come first and count in the prefix: models trained with them go astray
+  without them.
 * `lm-stress` is the same task with the five stress sources as its default (issue 18: on repetitive
   text a method can keep a small mean KL and still turn single tokens absurd).
 * Scoring. The `continuation` tokens after the prefix are fed in one chunk from the compressed
@@ -44,7 +46,7 @@ import torch
 from kvmerger.evaluation.metrics import kl_divergence, token_nll
 from kvmerger.evaluation.tasks.base import TASKS
 from kvmerger.evaluation.stress_texts import GENERATORS
-from kvmerger.evaluation.texts import essays, shakespeare
+from kvmerger.evaluation.texts import essays, leading_special_ids, shakespeare
 
 SOURCES = {"essays": essays, "shakespeare": shakespeare}  # a window starts at a seeded line of the text
 KNOWN_SOURCES = (*SOURCES, *GENERATORS)  # GENERATORS: a window is the start of a seeded generated text
@@ -120,7 +122,8 @@ class LanguageModeling:
                 raise ValueError(f"the {source} text is too short for a window of {total} tokens")
             start = draw.randrange(0, len(text) - span)
             start = text.find("\n", start) + 1  # begin at a line start (find never fails: span lies ahead)
-        ids = tokenizer(text[start : start + span], add_special_tokens=False).input_ids
+        text_ids = tokenizer(text[start : start + span], add_special_tokens=False).input_ids
+        ids = leading_special_ids(tokenizer) + text_ids
         if len(ids) < total:
             raise ValueError(f"{span} characters of {source} gave only {len(ids)} tokens, fewer than {total}")
         return Window(

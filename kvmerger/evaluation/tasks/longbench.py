@@ -11,9 +11,9 @@ Task "longbench", fields:
   one (`hotpotqa_e`, ...), which has the same prompt, length and metric.
 * `data_dir`: a folder of `{dataset}.jsonl` files in LongBench's schema (`input`, `context`,
   `answers`, `length`, `dataset`, `language`, `all_classes`, `_id`): the `data/` folder of
-  `data.zip` in the THUDM/LongBench dataset on the Hugging Face hub. With `data_dir=None` the
-  archive is fetched from the hub (huggingface_hub, a transformers dependency), which fails with a
-  FileNotFoundError that says what to do when there is no network.
+  `data.zip` in the THUDM/LongBench dataset on the Hugging Face hub. Required to read samples:
+  kvmerger never downloads anything, so without it `check_data()` (run by `kvmerger eval` before
+  the model loads) and `samples()` raise a FileNotFoundError that says where to get the files.
 * `chat`: wrap the prompt in the model's chat template; default as LongBench: on, except trec,
   triviaqa, samsum, lsht, lcc and repobench-p.
 * `random_subset`: `samples(count=n)` takes the first n rows in file order (default), or n rows
@@ -53,7 +53,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -120,11 +119,10 @@ LONGBENCH_E = frozenset(
     }
 )
 REQUIRED_FIELDS = ("input", "context", "answers")
-HUB_REPO = "THUDM/LongBench"
 HOW_TO_GET_DATA = (
     "Download data.zip from the Hugging Face dataset THUDM/LongBench "
     "(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip), unzip it, and pass its "
-    "data/ folder as data_dir (it holds one {task}.jsonl file per task)."
+    "data/ folder (it holds one {task}.jsonl file per task) as --data-dir on the command line, data_dir in Python."
 )
 
 
@@ -177,6 +175,11 @@ class LongBench(Task):
         return generation_lengths()[self.base]
 
     @property
+    def metric(self) -> str:  # type: ignore[override]  # depends on the dataset
+        """The name of the dataset's LongBench metric (eval.py's dataset2metric)."""
+        return METRICS[self.base].__name__
+
+    @property
     def max_new_tokens(self) -> int:  # type: ignore[override]  # depends on the dataset
         return self.generation_length()
 
@@ -188,10 +191,16 @@ class LongBench(Task):
 
     # -- data ------------------------------------------------------------------------------------
 
+    def check_data(self) -> None:
+        """The dataset's file is in `data_dir` (FileNotFoundError otherwise); the rows are read later."""
+        self.data_file()
+
     def data_file(self) -> Path:
-        """The `{dataset}.jsonl` file: in `data_dir`, or extracted from the hub's data.zip."""
+        """The `{dataset}.jsonl` file in `data_dir` (FileNotFoundError saying where to get it)."""
         if self.data_dir is None:
-            return self.hub_file()
+            raise FileNotFoundError(
+                f"LongBench's {self.dataset} needs its data, which kvmerger does not download. {HOW_TO_GET_DATA}"
+            )
         path = Path(self.data_dir).expanduser() / f"{self.dataset}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(
@@ -199,23 +208,6 @@ class LongBench(Task):
                 f"{path.parent}. {HOW_TO_GET_DATA}"
             )
         return path
-
-    def hub_file(self) -> Path:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            archive = Path(hf_hub_download(HUB_REPO, "data.zip", repo_type="dataset"))
-        except Exception as error:  # no network, no hub access, missing package: all end the same way
-            raise FileNotFoundError(
-                f"no data_dir was given and LongBench's data could not be fetched from the Hugging Face hub "
-                f"({type(error).__name__}: {error}). {HOW_TO_GET_DATA}"
-            ) from error
-        target = archive.parent / "extracted" / f"{self.dataset}.jsonl"
-        if not target.is_file():
-            with zipfile.ZipFile(archive) as bundle:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(bundle.read(f"data/{self.dataset}.jsonl"))
-        return target
 
     def rows(self) -> list[dict[str, Any]]:
         """The dataset's rows in file order, each checked for the fields the prompt and metric need."""

@@ -28,6 +28,10 @@ Our choices:
   lands within a few tokens of `context_tokens` (`fit_filler` measures and corrects).
 * Stop. Generation stops at the answer's first '.' or at a blank line (the model copies the
   essays' hard line breaks, so a single newline can fall inside the answer).
+* Several needles (`needles=K > 1`, for the compress-once, ask-many protocol): the San Francisco
+  needle and K - 1 others of the same form ("The best thing to do in Lisbon is ..."), at depths
+  spread evenly around the context (needle j at ``(depth_i + j / K) mod 1``), and one question
+  per city, each scored on its own needle's words.
 """
 
 from __future__ import annotations
@@ -36,14 +40,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmerger.evaluation.metrics import keyword_recall
-from kvmerger.evaluation.tasks.base import Sample, Task
+from kvmerger.evaluation.tasks.base import Question, Sample, Task
 from kvmerger.evaluation.tasks.prompting import fit_filler, render_prompt
 from kvmerger.evaluation.texts import cut_to_tokens, essays, previous_sentence_end
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-QUESTION = "What is the best thing to do in San Francisco?"
-ANSWER_PREFIX = "The best thing to do in San Francisco is"
 ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+CITIES = (  # (city, what to do there): the standard needle first, then ours, of the same form
+    ("San Francisco", ANSWER),
+    ("Lisbon", "ride the old yellow tram up the hill at dawn"),
+    ("Kyoto", "walk through the bamboo forest before the crowds arrive"),
+    ("Chicago", "take an architecture boat tour along the river"),
+    ("Nairobi", "watch giraffes at the national park at sunrise"),
+    ("Oslo", "swim in the fjord after a wood-fired sauna"),
+)
 
 
 def evenly_spaced_depths(count: int) -> list[float]:
@@ -76,25 +86,42 @@ class Needle(Task):
     """The standard needle in a haystack; one sample per depth (see the module docstring)."""
 
     name: ClassVar[str] = "needle"
+    metric: ClassVar[str] = "keyword_recall"
     summary: ClassVar[str] = "needle in a haystack: the San Francisco needle in Paul Graham essays, recall of its words"
     max_new_tokens: ClassVar[int] = 24
     stop_strings: ClassVar[tuple[str, ...]] = (".", "\n\n")
 
     chat: bool = False
     paragraph: bool = False
+    needles: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.needles, int) or isinstance(self.needles, bool) or not 1 <= self.needles <= len(CITIES):
+            raise ValueError(f"needles is the number of needles (one question each), 1 to {len(CITIES)}; got {self.needles!r}")
 
     def samples(self, tokenizer, context_tokens: int, count: int, seed: int) -> list[Sample]:
         return [self.sample(tokenizer, context_tokens, depth) for depth in evenly_spaced_depths(count)]
 
     def sample(self, tokenizer, context_tokens: int, depth: float) -> Sample:
+        cities = CITIES[: self.needles]
+        depths = [(depth + index / self.needles) % 1.0 for index in range(self.needles)] if self.needles > 1 else [depth]
+
         def build(haystack_tokens: int) -> Sample:
-            haystack = cut_to_tokens(tokenizer, essays(), haystack_tokens)
-            text = insert_at_depth(tokenizer, haystack, NEEDLE, depth, paragraph=self.paragraph)
-            if self.chat:
-                context, question = render_prompt(tokenizer, True, text, f"\n\n{QUESTION}", ANSWER_PREFIX)
-            else:
-                context, question = text, f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}"
-            return Sample(self.name, context, question, [ANSWER], {"depth": depth, "chat": self.chat})
+            text = cut_to_tokens(tokenizer, essays(), haystack_tokens)
+            for (city, answer), needle_depth in sorted(zip(cities, depths), key=lambda pair: -pair[1]):
+                needle = f"The best thing to do in {city} is {answer}."
+                text = insert_at_depth(tokenizer, text, needle, needle_depth, paragraph=self.paragraph)
+            questions = []
+            for city, _ in cities:
+                asked, prefix = f"What is the best thing to do in {city}?", f"The best thing to do in {city} is"
+                if self.chat:
+                    context, question = render_prompt(tokenizer, True, text, f"\n\n{asked}", prefix)
+                else:
+                    context, question = text, f"\n\nQuestion: {asked}\nAnswer: {prefix}"
+                questions.append(question)
+            meta = {"depth": depth, "chat": self.chat} | ({"depths": depths} if self.needles > 1 else {})
+            more = [Question(question, [answer]) for question, (_, answer) in zip(questions[1:], cities[1:])]
+            return Sample(self.name, context, questions[0], [cities[0][1]], meta, more)
 
         return fit_filler(build, tokenizer, context_tokens)
 

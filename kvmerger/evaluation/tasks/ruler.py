@@ -72,7 +72,7 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 from kvmerger.evaluation.metrics import STOP_WORDS, ruler_postprocess, string_match_all
-from kvmerger.evaluation.tasks.base import Sample, Task
+from kvmerger.evaluation.tasks.base import Question, Sample, Task
 from kvmerger.evaluation.tasks.prompting import fit_filler, prompt_tokens, render_prompt, sample_tokens
 from kvmerger.evaluation.texts import NOISE, cut_to_tokens, essays
 
@@ -114,6 +114,7 @@ NIAH_COUNTS = {  # variant -> (keys, values per key, keys asked); RULER: num_nee
     "multiquery": (4, 1, 4),
 }
 NEEDLE_TYPES = ("numbers", "words", "uuids")
+ASK = ("together", "separately")  # keys asked in one question (RULER) or one question each (compress once, ask many)
 HAYSTACKS = ("noise", "essay", "needle")
 
 
@@ -190,6 +191,8 @@ def _check_positive(**values: float) -> None:
 class RulerTask(Task):
     """What every RULER family shares: the chat switch, samples from per-index seeds, the metric."""
 
+    metric: ClassVar[str] = "string_match_all"
+
     chat: bool = True
 
     def samples(self, tokenizer, context_tokens: int, count: int, seed: int) -> list[Sample]:
@@ -256,8 +259,10 @@ class RulerNIAH(RulerTask):
     haystack: str = "essay"
     key_type: str = "words"
     value_type: str = "numbers"
+    ask: str = "together"
 
     def __post_init__(self) -> None:
+        _check_choice("ask", self.ask, ASK)
         _check_choice("variant", self.variant, tuple(NIAH_COUNTS))
         _check_choice("haystack", self.haystack, HAYSTACKS)
         _check_choice("key_type", self.key_type, NEEDLE_TYPES)
@@ -282,25 +287,36 @@ class RulerNIAH(RulerTask):
         rng.shuffle(needles)
         asked = rng.sample(range(n_keys), n_queries)
         query_keys = [keys[i] for i in asked]
-        answers = [value for i in asked for value in values[i]]
-        query = ", ".join(query_keys[:-1]) + ", and " + query_keys[-1] if len(query_keys) > 1 else query_keys[0]
-        template, answer_prefix, type_needle_v = NIAH_TEMPLATE, NIAH_ANSWER_PREFIX, self.value_type
-        if n_queries * n_values == 1:
-            template, answer_prefix, type_needle_v = singular(template), singular(answer_prefix), type_needle_v[:-1]
-        before, after = template.split("{context}")
-        before = before.format(type_needle_v=type_needle_v)
-        after = after.format(type_needle_v=type_needle_v, query=query)
-        answer_prefix = answer_prefix.format(type_needle_v=type_needle_v, query=query)
+        groups = [asked] if self.ask == "together" else [[i] for i in asked]
+        prompts = [self.question_prompt([keys[i] for i in group], n_values) for group in groups]
+        before = self.question_prompt(query_keys, n_values)[0]  # the context announces every needle asked about
         state = rng.getstate()  # the filler's draws restart from here at every size tried
 
         def build(filler_tokens: int) -> Sample:
             rng.setstate(state)
             haystack = self.haystack_with_needles(tokenizer, filler_tokens, needles, set(keys), rng)
-            context, question = render_prompt(tokenizer, self.chat, before + haystack, after, answer_prefix)
+            rendered = [render_prompt(tokenizer, self.chat, before + haystack, after, prefix) for _, after, prefix in prompts]
+            context = rendered[0][0]
+            answers = [[value for i in group for value in values[i]] for group in groups]
             depths = [round(context.index(needle) / len(context), 3) for needle in needles]
-            return Sample(self.name, context, question, answers, {"query_keys": query_keys, "needle_depths": depths})
+            more = [Question(question, group_answers) for (_, question), group_answers in zip(rendered[1:], answers[1:])]
+            meta = {"query_keys": query_keys, "needle_depths": depths}
+            return Sample(self.name, context, rendered[0][1], answers[0], meta, more)
 
         return fit_filler(build, tokenizer, context_tokens)
+
+    def question_prompt(self, query_keys: list[str], n_values: int) -> tuple[str, str, str]:
+        """(text before the haystack, question after it, answer prefix) asking for `query_keys`' values."""
+        query = ", ".join(query_keys[:-1]) + ", and " + query_keys[-1] if len(query_keys) > 1 else query_keys[0]
+        template, answer_prefix, type_needle_v = NIAH_TEMPLATE, NIAH_ANSWER_PREFIX, self.value_type
+        if len(query_keys) * n_values == 1:
+            template, answer_prefix, type_needle_v = singular(template), singular(answer_prefix), type_needle_v[:-1]
+        before, after = template.split("{context}")
+        return (
+            before.format(type_needle_v=type_needle_v),
+            after.format(type_needle_v=type_needle_v, query=query),
+            answer_prefix.format(type_needle_v=type_needle_v, query=query),
+        )
 
     def haystack_with_needles(
         self, tokenizer, tokens: int, needles: list[str], keys: set[str], rng: random.Random

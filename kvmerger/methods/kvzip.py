@@ -1,0 +1,52 @@
+"""KVzip: keep the keys the model needs to repeat the context (query-agnostic).
+
+Paper: Jang-Hyun Kim, Jinuk Kim, Sangwoo Kwon, Jae W. Lee, Sangdoo Yun, Hyun Oh Song, "KVzip:
+Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv 2505.23416 (2025).
+Reference code: snu-mllab/KVzip; kvpress's ``KVzipPress`` (read, not copied).
+
+Per layer and KV head, with ``S`` slots: the ``S`` tokens with the highest reconstruction score, the
+largest attention each key receives from any query while the model, prompted to repeat the
+previous context, reproduces it teacher-forced on top of the full cache, chunk by chunk
+(`engine.reconstruction`: prompts, chunking and the restricted softmax as in the reference code).
+The first 4 tokens (sinks) are always kept, as in the reference. Query-agnostic by construction:
+the score asks what the model would need to say the context again, not what one question needs.
+
+Choices:
+
+* Budgets: the reference ranks all layers and heads together (``layerwise=False``: non-uniform head
+  budgets), with a uniform-budget option (its ``_threshold_uniform``). Here every layer and KV head
+  keeps exactly ``S`` slots, the engine's budget semantics shared by every method, which is the
+  uniform option.
+* Grouped-query attention: the maximum is also taken over the query heads of the group, as the
+  reference does.
+* Ties go to the later token (`top_indices`).
+* Cost: one more prefill of the prompt and a scoring pass per layer (see engine.reconstruction);
+  the reference reports 2-3 prefills of overhead as well.
+* During generation (engine option ``hold_budget=True``): KVzip compresses the prompt once and
+  defines no rule, so the engine's default applies (H2O's eviction by accumulated attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, keep_by_score
+
+
+@dataclass
+class KVzip(CompressionMethod):
+    """Keep the tokens with the highest context-reconstruction attention (Kim et al., 2025)."""
+
+    name: ClassVar[str] = "kvzip"
+    summary: ClassVar[str] = (
+        "KVzip (Kim et al. 2025): keep the keys most attended while the model repeats the context (query-agnostic)"
+    )
+
+    budget: float = 0.5
+
+    def needs_reconstruction(self) -> bool:
+        return True
+
+    def compress(self, layer: LayerInput) -> LayerOutput:
+        return keep_by_score(layer, layer.scores.reconstruction_attention())
