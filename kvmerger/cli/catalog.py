@@ -46,7 +46,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("bias_bound", "float", 3.0, "slot weights kept in [e^-bound, e^bound]"),
             Parameter("nnls_steps", "int", 2, "projected-gradient steps of the bias fit"),
             Parameter("bias_ridge", "float", 0.0, "ridge of the bias fit, relative to the mean eigenvalue"),
-            Parameter("ridge", "float", 0.1, "ridge of the value fit toward the kept values, relative (0: the paper's fit)"),
+            Parameter("ridge", "float", 0.0, "ridge of the value fit toward the kept values, relative (0.1: our guard)"),
             Parameter("seed", "int", 0, "seed of the drawn reference positions"),
             Parameter("reference", "str", "prompt", "reference queries: the prompt's own (prompt) or the reconstruction pass's"),
         ),
