@@ -52,6 +52,7 @@ PRESSES: dict[str, str] = {
 }
 NEEDS_EAGER = {"ObservedAttention"}  # it reads the attention weights, which only eager attention returns
 NO_PRESS = "no press"
+KL_QUANTILE = 0.99  # as kvmerger's LanguageModeling (language_modeling.KL_QUANTILE; this side cannot import kvmerger)
 
 
 def compression_ratio_for(length: int, slots: int) -> float:
@@ -89,11 +90,16 @@ def load_metrics(path: str):
 def lm_metrics(metrics, reference_logits, logits, targets) -> dict[str, float]:
     """The same numbers as kvmerger's `LanguageModeling.measure`, from the same metric functions."""
     nll = metrics.token_nll(logits, targets)
+    kl = metrics.kl_divergence(reference_logits, logits).flatten()
+    agreement = float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean())
     return {
         "perplexity": float(nll.mean().exp()),
         "nll": float(nll.mean()),
-        "kl": float(metrics.kl_divergence(reference_logits, logits).mean()),
-        "top1_agreement": float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean()),
+        "kl": float(kl.mean()),
+        "kl_p99": float(kl.quantile(KL_QUANTILE)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": agreement,
+        "top1_changed": 1.0 - agreement,
     }
 
 

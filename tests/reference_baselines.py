@@ -114,15 +114,23 @@ def random_row(uniforms: Sequence[float], slots: int) -> list[int]:
 
 
 def cam_merge_row(
-    values: np.ndarray, attention: Sequence[float], uniforms: Sequence[float], evicted: Sequence[int], window: int
+    values: np.ndarray,
+    attention: Sequence[float],
+    uniforms: Sequence[float],
+    evicted: Sequence[int],
+    window: int,
+    weights: Sequence[float] | None = None,
 ) -> np.ndarray:
     """CaM's merge rule, token by token: each evicted token, in sequence order, adds its current value / n
     to each of the n = min(window, T - 1 - i) tokens after it, if u_i < clamp(A_i / mean(A of those), 0, 1).
+    With `weights` (the average guard), each follower instead keeps the running weighted mean of its own
+    value (weight weights[j]) and every value it received (weight weights[i] / n each).
 
     Returns every token's value afterwards, [T, d] float64.
     """
     length = len(values)
     merged = np.array(values, dtype=np.float64)
+    total = None if weights is None else [float(w) for w in weights]  # weight of each running mean
     for i in sorted(evicted):
         followers = list(range(i + 1, min(i + window, length - 1) + 1))
         if not followers:
@@ -133,9 +141,14 @@ def cam_merge_row(
         else:
             probability = 1.0 if float(attention[i]) > 0 else 0.0
         if float(uniforms[i]) < probability:
-            share = merged[i] / len(followers)
+            share = 1.0 / len(followers)
             for j in followers:
-                merged[j] = merged[j] + share
+                if total is None:
+                    merged[j] = merged[j] + share * merged[i]
+                else:
+                    incoming = share * float(weights[i])
+                    merged[j] = (total[j] * merged[j] + incoming * merged[i]) / (total[j] + incoming)
+                    total[j] += incoming
     return merged
 
 
@@ -147,12 +160,20 @@ def cam_row(
     slots: int,
     recent: int,
     window: int,
+    average: bool = False,
 ) -> tuple[list[int], np.ndarray]:
-    """CaM at prefill: H2O's kept tokens, and their values after the merges of the evicted ones."""
+    """CaM at prefill: H2O's kept tokens, and their values after the merges of the evicted ones
+    (`average`: the guard, weighted by attention floored at 1e-6 of the largest)."""
     keep = h2o_row(attention, slots, recent)
     evicted = [t for t in range(len(values)) if t not in set(keep)]
-    merged = cam_merge_row(values, attention, uniforms, evicted, window)
+    weights = cam_average_weights(attention) if average else None
+    merged = cam_merge_row(values, attention, uniforms, evicted, window, weights)
     return keep, merged[keep]
+
+
+def cam_average_weights(attention: Sequence[float]) -> list[float]:
+    floor = 1e-6 * max(max(float(a) for a in attention), 1e-30)
+    return [max(float(a), floor) for a in attention]
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,10 +235,12 @@ def cam_hold_row(
     target: int,
     recent: int,
     window: int,
+    average: bool = False,
 ) -> tuple[list[int], np.ndarray]:
     """CaM while generating: H2O's kept slots; the evicted real slots merge into the next slots first."""
     keep = h2o_hold_row(accumulated, sizes, target, recent)
     evicted = [s for s in range(len(values)) if s not in set(keep) and sizes[s] > 0]
     attention = [0.0 if sizes[s] == 0 else float(accumulated[s]) for s in range(len(values))]
-    merged = cam_merge_row(values, attention, uniforms, evicted, window)
+    weights = cam_average_weights(attention) if average else None
+    merged = cam_merge_row(values, attention, uniforms, evicted, window, weights)
     return keep, merged[keep]

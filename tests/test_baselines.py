@@ -245,10 +245,11 @@ def test_random_is_reproducible_differs_by_layer_and_seed_and_is_uniform():
 SOLVES = [("sparse", 128), ("blocked", 8), ("blocked", 40), ("blocked", 128), ("auto", 128)]
 
 
+@pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize(("strategy", "block"), SOLVES)
 @pytest.mark.parametrize("window", [1, 4, 32])
 @pytest.mark.parametrize("length", [2, 9, 37, 300])
-def test_cam_merge_rule_equals_the_token_by_token_reference(length, window, strategy, block):
+def test_cam_merge_rule_equals_the_token_by_token_reference(length, window, strategy, block, average):
     generator = torch.Generator().manual_seed(length * 100 + window)
     values = torch.randn(2, 2, length, 5, generator=generator)
     attention = torch.rand(2, 2, length, generator=generator) * 4
@@ -256,7 +257,8 @@ def test_cam_merge_rule_equals_the_token_by_token_reference(length, window, stra
     uniforms = torch.rand(2, 2, length, generator=generator)
     coefficients = merge_coefficients(evicted, attention, uniforms, window)
     before = values.clone()
-    merged = cascade_merge(values, coefficients, window, strategy=strategy, block=block)
+    weights = attention + 0.1 if average else None
+    merged = cascade_merge(values, coefficients, window, weights=weights, strategy=strategy, block=block)
     assert torch.equal(values, before) and merged.dtype == torch.float32
     for b, h in rows(values):
         expected = ref.cam_merge_row(
@@ -265,18 +267,20 @@ def test_cam_merge_rule_equals_the_token_by_token_reference(length, window, stra
             uniforms[b, h].tolist(),
             [t for t in range(length) if evicted[b, h, t]],
             window,
+            None if weights is None else weights[b, h].tolist(),
         )
         np.testing.assert_allclose(merged[b, h].numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", ["add", "average"])
 @pytest.mark.parametrize("window", [3, 32])
 @pytest.mark.parametrize("budget", [0.1, 0.35, 0.5])
 @pytest.mark.parametrize("length", [12, 64, 300])
-def test_cam_equals_the_reference_with_the_same_draws(length, budget, window):
+def test_cam_equals_the_reference_with_the_same_draws(length, budget, window, merge):
     keys, values, generator = random_states(length + window, length)
     attention = random_scores(generator, keys.shape[:3], False)
     layer = precomputed_input(keys, values, budget, aggregated=attention, layer_idx=2)
-    method = CaM(budget=budget, merge_window=window, seed=5)
+    method = CaM(budget=budget, merge_window=window, seed=5, merge=merge)
     out = method.compress(layer)
     uniforms = uniform_draws(tuple(attention.shape), attention.device, 5, 2)
     for b, h in rows(keys):
@@ -287,6 +291,7 @@ def test_cam_equals_the_reference_with_the_same_draws(length, budget, window):
             slots=layer.slots,
             recent=layer.slots // 2,
             window=window,
+            average=merge == "average",
         )
         assert out.positions[b, h].tolist() == keep
         assert torch.equal(out.keys[b, h], keys[b, h, keep])  # keys are never merged
@@ -312,6 +317,19 @@ def test_cam_with_open_gates_moves_all_value_mass_onto_the_kept_tokens():
     out = CaM(budget=0.3).compress(layer)
     assert out.notes["merged_share"] == 1.0
     torch.testing.assert_close(out.values.double().sum(2), values.double().sum(2), rtol=1e-5, atol=1e-4)
+
+
+def test_cam_average_guard_with_open_gates_keeps_every_value_within_the_originals():
+    keys, values, _ = random_states(9, 200)
+    values = values.abs() + 1.0  # alike values, as a repetitive text gives: their sums do not cancel
+    attention = torch.ones(2, 3, 200)  # every evicted token merges, all with the same weight
+    layer = precomputed_input(keys, values, 0.3, aggregated=attention)
+    out = CaM(budget=0.3, merge="average").compress(layer)
+    assert out.notes["merged_share"] == 1.0 and out.notes["value_growth"] <= 1.0
+    low, high = values.amin(2, keepdim=True), values.amax(2, keepdim=True)
+    assert ((out.values >= low - 1e-6) & (out.values <= high + 1e-6)).all()
+    additive = CaM(budget=0.3).compress(layer)
+    assert additive.notes["value_growth"] > 2.0  # the same merges, added: the kept values pile up
 
 
 def test_cam_is_reproducible_from_its_seed():
@@ -428,12 +446,13 @@ def test_random_eviction_while_generating_is_seeded_and_follows_its_draws(length
     assert torch.equal(method.hold_budget(state).positions, out.positions)
 
 
+@pytest.mark.parametrize("merge", ["add", "average"])
 @pytest.mark.parametrize("window", [2, 32])
 @pytest.mark.parametrize(("length", "target", "padding"), HOLD_CASES + [(60, 40, 3)])
-def test_cam_while_generating_equals_the_reference(length, target, padding, window):
+def test_cam_while_generating_equals_the_reference(length, target, padding, window, merge):
     state = slot_state(length, length, target, padding)
     before = state.values.clone()
-    out = CaM(merge_window=window, seed=4).hold_budget(state)
+    out = CaM(merge_window=window, seed=4, merge=merge).hold_budget(state)
     assert torch.equal(state.values, before)
     uniforms = uniform_draws(tuple(state.set_sizes.shape), state.keys.device, 4, state.layer_idx, state.seen_tokens)
     for b, h in rows(state.keys):
@@ -445,6 +464,7 @@ def test_cam_while_generating_equals_the_reference(length, target, padding, wind
             target=target,
             recent=target // 2,
             window=window,
+            average=merge == "average",
         )
         assert_kept_slots(state, out, keep, b, h)
         np.testing.assert_allclose(out.values[b, h].numpy(), merged, rtol=1e-4, atol=1e-5)
@@ -488,6 +508,7 @@ def test_kvmerger_methods_lists_every_baseline(capsys):
         ("h2o", {"recent_share": 1.5}, "recent_share"),
         ("cam", {"merge_window": 0}, "merge_window"),
         ("cam", {"seed": 1.5}, "seed"),
+        ("cam", {"merge": "sum"}, "merge"),
         ("streaming-llm", {"n_sink": -1}, "n_sink"),
         ("snapkv", {"kernel_size": 4}, "odd"),
         ("snapkv", {"window": 0}, "window"),

@@ -104,6 +104,7 @@ def test_figures_are_real_images_and_the_report_shows_them(results):
         "passkey_query-aware_score_vs_budget.png",
         "needle_query-aware_score_vs_budget.png",
         "lm_continuation_64_kl_and_perplexity_vs_budget.png",
+        "lm_continuation_64_worst_token_kl_and_top1_changes_vs_budget.png",
         "needle_query-aware_full_score_by_length_and_depth.png",
         "needle_query-aware_kvmerger_score_by_length_and_depth.png",
     }

@@ -21,7 +21,7 @@ import torch
 
 import kvmerger.evaluation.runner as runner_module
 from kvmerger.evaluation.records import RecordStore
-from kvmerger.evaluation.report import write_outputs
+from kvmerger.evaluation.report import kl_tail_table, summarize, write_outputs
 from kvmerger.evaluation.runner import MethodSpec, Runner, RunSettings, TaskPlan, method_label
 from kvmerger.evaluation.tasks import get_task
 from tests.conftest import build_tiny
@@ -304,8 +304,14 @@ def test_summary_csv_and_report_are_computed_from_the_records(finished):
             assert float(row["kl"]) == pytest.approx(statistics.fmean(r["metrics"]["kl"] for r in cells), rel=1e-5)
             nll = statistics.fmean(r["metrics"]["nll"] for r in cells)
             assert float(row["perplexity"]) == pytest.approx(2.718281828459045**nll, rel=1e-5)
+            assert float(row["kl_max"]) == pytest.approx(max(r["metrics"]["kl_max"] for r in cells), rel=1e-5)
+            p99 = statistics.fmean(r["metrics"]["kl_p99"] for r in cells)
+            assert float(row["kl_p99"]) == pytest.approx(p99, rel=1e-5)
+            changed = statistics.fmean(1 - r["metrics"]["top1_agreement"] for r in cells)
+            assert float(row["top1_changed"]) == pytest.approx(changed, rel=1e-5, abs=1e-9)
+            assert float(row["kl"]) <= float(row["kl_max"])
         else:
-            assert row["kl"] == row["perplexity"] == ""
+            assert row["kl"] == row["perplexity"] == row["kl_max"] == row["kl_p99"] == row["top1_changed"] == ""
     full = [row for row in rows if row["method"] == "full"]
     assert all(float(row["memory_ratio"]) == 1.0 and row["budget"] == "1" for row in full)
 
@@ -322,6 +328,20 @@ def test_summary_csv_and_report_are_computed_from_the_records(finished):
     } <= names
     metrics = {row["task"]: row["metric"] for row in rows}
     assert metrics == {"passkey": "contains_answer", "lm[continuation=8]": "top1_agreement"}
+    assert "lm_continuation_8_worst_token_kl_and_top1_changes_vs_budget.png" in names
+    assert "## Language modelling: the worst token, not only the mean" in report
+    kvmerger_lm = next(row for row in rows if row["method"] == "kvmerger" and row["task"].startswith("lm"))
+    line = f"| {kvmerger_lm['task']} | kvmerger | {kvmerger_lm['budget']} | {float(kvmerger_lm['kl']):.4f} | "
+    assert line + f"{float(kvmerger_lm['kl_p99']):.3f} | {float(kvmerger_lm['kl_max']):.3f} |" in report
+
+
+def test_records_written_before_the_kl_tail_existed_are_still_summarized(finished):
+    _, _, records = finished
+    kept = ("kl", "nll", "perplexity", "top1_agreement")
+    old = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k in kept}} for r in records]
+    rows = [row for row in summarize(old) if row.is_language_modeling]
+    assert rows and all(row.kl_max is None and row.kl is not None for row in rows)
+    assert kl_tail_table(rows) == ""
 
 
 def test_bad_settings_are_refused_with_what_is_allowed():

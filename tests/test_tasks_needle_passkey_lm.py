@@ -12,6 +12,7 @@ from kvmerger.evaluation.tasks import get_task
 from kvmerger.evaluation.tasks.language_modeling import LanguageModeling
 from kvmerger.evaluation.tasks.needle import ANSWER, NEEDLE, evenly_spaced_depths, insert_at_depth
 from kvmerger.evaluation.tasks.passkey import passkey_sample
+from kvmerger.evaluation.texts import NOISE
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,37 @@ def test_language_modelling_windows_have_exact_sizes(tokenizer):
     assert len({w.meta["offset"] for w in windows}) == 4
 
 
+def test_stress_windows_have_exact_sizes_and_repeat_themselves(tokenizer):
+    task = get_task("lm-stress", continuation=64)
+    windows = task.samples(tokenizer, 700, 5, seed=0)
+    assert [w.meta["source"] for w in windows] == ["noise", "repeated", "lists", "verse", "code"]
+    for window in windows:
+        assert len(window.prefix_ids) == 700 and len(window.continuation_ids) == 65
+        if window.meta["source"] != "code":  # repetitive: over a fifth of the 3-token runs recur (essays: 2%)
+            assert distinct_share(window.prefix_ids, 3) < 0.8, window.meta["source"]
+    noise, repeated, lists, verse, code = (tokenizer.decode(w.prefix_ids) for w in windows)
+    assert noise.startswith(NOISE) and "special magic number" in noise
+    assert lists.startswith("1. ") and "\n2. " in lists
+    refrain = verse.split("\n\n")[0].split("\n")[-2:]
+    assert verse.count("\n".join(refrain)) >= 5
+    assert "def " in code and windows[4].meta["python"]
+
+
+def test_essay_windows_repeat_little(tokenizer):
+    """The yardstick of the test above."""
+    window = LanguageModeling().samples(tokenizer, 700, 1, seed=0)[0]
+    assert distinct_share(window.prefix_ids, 3) > 0.95
+
+
+def distinct_share(ids: list[int], n: int) -> float:
+    runs = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(runs)) / len(runs)
+
+
 # -- determinism ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["passkey", "needle", "lm"])
+@pytest.mark.parametrize("name", ["passkey", "needle", "lm", "lm-stress"])
 def test_samples_are_deterministic_for_a_seed(tokenizer, name):
     task = get_task(name)
     first = task.samples(tokenizer, 512, 3, seed=5)
@@ -67,6 +95,8 @@ def test_pass_keys_and_lm_windows_change_with_the_seed(tokenizer):
     assert len(keys) == 6
     offsets = {w.meta["offset"] for seed in (0, 1) for w in get_task("lm").samples(tokenizer, 512, 2, seed)}
     assert len(offsets) == 4
+    stress = {tuple(w.prefix_ids) for seed in (0, 1) for w in get_task("lm-stress").samples(tokenizer, 512, 10, seed)}
+    assert len(stress) == 20
 
 
 def test_the_demo_pass_key_is_unchanged(tokenizer):
@@ -166,11 +196,29 @@ def test_language_modelling_metrics_against_a_hand_computed_case():
     assert metrics["nll"] == pytest.approx(nll, abs=1e-6)
     assert metrics["perplexity"] == pytest.approx(math.exp(nll), abs=1e-5)
     assert metrics["top1_agreement"] == 0.5  # position 1: 1 vs 0; position 2: 1 vs 1
+    assert metrics["top1_changed"] == 0.5
+    assert metrics["kl_max"] == pytest.approx(kl_first, abs=1e-6)  # position 2 has KL 0
+    assert metrics["kl_p99"] == pytest.approx(0.99 * kl_first, abs=1e-6)  # interpolated between 0 and kl_first
+
+
+def test_the_worst_token_and_the_99th_percentile_see_one_absurd_token_the_mean_hides():
+    reference = torch.zeros(1, 256, 4)
+    compressed = reference.clone()
+    compressed[0, 100] = torch.tensor([0.0, 0.0, 0.0, 20.0])  # one token certain of another word
+    metrics = LanguageModeling.measure(reference, compressed, torch.zeros(1, 256, dtype=torch.long))
+    total = 3 + math.exp(20.0)
+    worst = 0.25 * (3 * math.log(0.25 * total) + math.log(0.25 * total / math.exp(20.0)))  # KL(uniform || q)
+    assert metrics["kl_max"] == pytest.approx(worst, rel=1e-5)
+    assert metrics["kl"] == pytest.approx(worst / 256, rel=1e-5)
+    assert metrics["kl_p99"] == 0.0  # 1 token of 256 is above the 99th percentile
+    assert metrics["top1_changed"] == pytest.approx(1 / 256)
 
 
 def test_language_modelling_rejects_bad_parameters():
     with pytest.raises(ValueError, match="sources"):
         LanguageModeling(sources=("poems",))
+    with pytest.raises(ValueError, match="noise"):
+        get_task("lm-stress", sources="poems")
     with pytest.raises(ValueError, match="continuation"):
         LanguageModeling(continuation=0)
 

@@ -8,11 +8,12 @@ same `--out` again to resume an interrupted run: finished cells are kept and not
 Methods and tasks take parameters after a colon: `kvmerger:mode=paper,sigma=5`,
 `passkey:chat=True`, `lm:continuation=128`, `longbench:dataset=qasper`. Without --methods it runs
 the full cache, KVMerger and the baselines (`--methods all`: every registered method). Tasks:
-passkey, needle, lm (language modelling), ruler-niah, ruler-vt, ruler-cwe, ruler-fwe, longbench
-(with --data-dir: kvmerger downloads nothing; get LongBench's data.zip from the Hugging Face dataset
-THUDM/LongBench and pass its data/ folder). Query-aware answers take their first token from the
-full-cache prefill (see kvmerger/evaluation/generation.py). Everything that can be checked without
-the model (tasks and their parameters, methods, data, the results folder) is checked before it loads.
+passkey, needle, lm (language modelling; lm-stress: the same on repetitive texts), ruler-niah,
+ruler-vt, ruler-cwe, ruler-fwe, longbench (with --data-dir: kvmerger downloads nothing; get
+LongBench's data.zip from the Hugging Face dataset THUDM/LongBench and pass its data/ folder).
+Query-aware answers take their first token from the full-cache prefill (see
+kvmerger/evaluation/generation.py). Everything that can be checked without the model (tasks and
+their parameters, methods, data, the results folder) is checked before it loads.
 """
 
 from __future__ import annotations

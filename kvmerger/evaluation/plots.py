@@ -4,6 +4,9 @@
   cache as a dashed reference line.
 * `<task>_kl_and_perplexity_vs_budget.png`: language modelling, KL from the full cache (log axis)
   and perplexity (the full cache's as the reference line) against budget.
+* `<task>_worst_token_kl_and_top1_changes_vs_budget.png`: language modelling, the worst token's KL
+  (solid) and the mean KL (dotted, the same colour) against budget, and the share of tokens whose
+  top-1 prediction changed.
 * `<task>_<protocol>_<method>_score_by_length_and_depth.png`: for the needle task, one heatmap per
   budget of the method: context length (rows) x needle depth (columns), the mean score in each cell.
 
@@ -59,6 +62,10 @@ def write_figures(records: list[dict[str, Any]], rows: list[Row], folder: Path) 
             title = f"{task}: KL from the full cache and perplexity vs budget"
             path = folder / f"{safe_name(task)}_kl_and_perplexity_vs_budget.png"
             figures.append((title, save(language_modeling_figure(task_rows, title), path)))
+            if all(row.kl_max is not None for row in task_rows):
+                title = f"{task}: the worst token's KL beside the mean, and top-1 changes vs budget"
+                path = folder / f"{safe_name(task)}_worst_token_kl_and_top1_changes_vs_budget.png"
+                figures.append((title, save(language_modeling_tail_figure(task_rows, title), path)))
         else:
             title = f"{task} ({protocol}): score vs budget"
             path = folder / f"{safe_name(task)}_{safe_name(protocol)}_score_vs_budget.png"
@@ -173,6 +180,31 @@ def language_modeling_figure(rows: list[Row], title: str) -> Figure:
         _budget_axis(axes, rows)
         axes.grid(alpha=0.3)
     ppl_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def language_modeling_tail_figure(rows: list[Row], title: str) -> Figure:
+    """Worst-token KL (solid) over mean KL (dotted) per method, and the share of changed top-1 predictions."""
+    figure = Figure(figsize=(10.5, 4.0))
+    kl_axes, changed_axes = figure.subplots(1, 2)
+    lines, _ = _lines(rows)
+    offsets = budget_offsets(rows, len(lines))
+    for index, ((label, points), offset) in enumerate(zip(lines.items(), offsets, strict=True)):
+        budgets, style = [p.budget + offset for p in points], _style(index, label)
+        kl_axes.plot(budgets, [p.kl_max for p in points], label=label, **style)
+        kl_axes.plot(budgets, [p.kl for p in points], **{**style, "linestyle": ":", "linewidth": 1.0, "marker": None})
+        changed_axes.plot(budgets, [100 * p.top1_changed for p in points], label=label, **style)
+    kls = [value for points in lines.values() for p in points for value in (p.kl, p.kl_max)]
+    if kls and min(kls) > 0:
+        _log_axis(kl_axes, min(kls), max(kls))
+    kl_axes.set_ylabel("KL(full || compressed), nats: worst token (solid), mean (dotted)")
+    changed_axes.set_ylabel("tokens whose top-1 prediction changed, %")
+    for axes in (kl_axes, changed_axes):
+        axes.set_xlabel("budget; methods side by side at each budget")
+        _budget_axis(axes, rows)
+        axes.grid(alpha=0.3)
+    changed_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.suptitle(title, fontsize=10)
     return figure
 

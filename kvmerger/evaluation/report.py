@@ -5,7 +5,9 @@
   contains_answer for the pass key, keyword_recall for the needle, and top1_agreement, the share of
   tokens whose top prediction matches the full cache's, for language modelling), for language
   modelling the perplexity (exp of the mean NLL over all scored tokens), the mean KL to the full
-  cache and the top-1 agreement, the mean memory ratio (over the compressed layers, and in
+  cache and the top-1 agreement, and the KL's tail (`kl_p99`: mean of the windows' 99th
+  percentiles; `kl_max`: the worst token of all windows; `top1_changed`: mean share of tokens whose
+  top-1 prediction changed), the mean memory ratio (over the compressed layers, and in
   `cache_memory_ratio` over the whole cache, layers kept as they are included, e.g. sliding-window
   layers), and timings in milliseconds per cell.
   `compressing_ms` is the method's own step and `decoding_ms` its answer or continuation.
@@ -15,7 +17,8 @@
   TOVA, the fitted methods; not the full cache, K-norm, random or StreamingLLM); the column holds
   their total for the row's samples, the mean over its cells. A method run alone pays the
   statistics it needs in full.
-* `report_markdown`: the results table (method x task), the figures, and plain sentences on where
+* `report_markdown`: the results table (method x task), for language modelling a table of the KL's
+  tail beside its mean, the figures, and plain sentences on where
   KVMerger wins and where it loses against the best other method at each budget. Differences in
   scores smaller than the standard errors are called ties, not wins. Language modelling is judged
   by the KL to the full cache (fidelity); its perplexity is shown but not judged, since a
@@ -50,6 +53,9 @@ SUMMARY_COLUMNS = [
     "perplexity",
     "kl",
     "top1_agreement",
+    "kl_p99",
+    "kl_max",
+    "top1_changed",
     "memory_ratio",
     "cache_memory_ratio",
     "shared_scoring_ms",
@@ -79,6 +85,9 @@ class Row:
     shared_scoring_ms: float
     compressing_ms: float
     decoding_ms: float
+    kl_p99: float | None = None  # mean over windows of each window's 99th percentile of per-token KL
+    kl_max: float | None = None  # the worst token's KL over all windows
+    top1_changed: float | None = None  # mean share of tokens whose top-1 prediction changed
 
     @property
     def is_language_modeling(self) -> bool:
@@ -173,7 +182,21 @@ def _row(key: tuple, cells: list[dict[str, Any]], shared: dict[tuple, float]) ->
         shared_scoring_ms=1e3 * statistics.fmean(shared[sample_key(cell)] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
+        **(_kl_tail(cells) if language_modeling else {}),
     )
+
+
+def _kl_tail(cells: list[dict[str, Any]]) -> dict[str, float | None]:
+    """kl_p99 (mean of the windows' 99th percentiles), kl_max (the worst token of all windows) and
+    top1_changed (mean share); None for records written before these metrics existed."""
+    metrics = [cell["metrics"] for cell in cells]
+    if not all("kl_max" in metric for metric in metrics):
+        return {}
+    return {
+        "kl_p99": statistics.fmean(metric["kl_p99"] for metric in metrics),
+        "kl_max": max(metric["kl_max"] for metric in metrics),
+        "top1_changed": statistics.fmean(metric["top1_changed"] for metric in metrics),
+    }
 
 
 def summary_csv(rows: list[Row]) -> str:
@@ -286,6 +309,20 @@ def question_table(records: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kl_tail_table(rows: list[Row]) -> str:
+    """A Markdown table of the language-modelling rows: the mean KL beside its tail (99th percentile
+    and worst token) and the share of tokens whose top-1 prediction changed; empty if there are none."""
+    tail = [row for row in rows if row.is_language_modeling and row.kl_max is not None]
+    if not tail:
+        return ""
+    header = ["task", "method", "budget", "mean KL", "KL p99", "worst-token KL", "top-1 changed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in tail:
+        numbers = [f"{row.kl:.4f}", f"{row.kl_p99:.3f}", f"{row.kl_max:.3f}", f"{row.top1_changed:.1%}"]
+        lines.append("| " + " | ".join([row.task, row.method, f"{row.budget:g}", *numbers]) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Where KVMerger wins and loses
 # --------------------------------------------------------------------------------------------
@@ -369,6 +406,7 @@ def report_markdown(
         "",
         results_table(rows),
         "",
+        *_kl_tail_section(rows),
         "## Where KVMerger wins and loses",
         "",
     ]
@@ -403,6 +441,22 @@ def report_markdown(
         lines += [f"### {title}", "", f"![{alt}]({path.relative_to(folder).as_posix()})", ""]
     lines += ["## Files", "", "* `records.jsonl`: one record per cell, with its provenance", "* `summary.csv`: the rows above, with timings", ""]
     return "\n".join(lines)
+
+
+def _kl_tail_section(rows: list[Row]) -> list[str]:
+    table = kl_tail_table(rows)
+    if not table:
+        return []
+    return [
+        "## Language modelling: the worst token, not only the mean",
+        "",
+        "Per-token KL from the full cache (nats): the mean, the 99th percentile (mean over windows) and the "
+        "worst token of all windows; top-1 changed is the share of tokens whose most likely next token differs "
+        "from the full cache's (mean over windows). A mean over a few windows hides a single absurd prediction.",
+        "",
+        table,
+        "",
+    ]
 
 
 METRIC_TEXT = {

@@ -11,7 +11,9 @@ pass per kind of statistic, and then only compression and decoding per method.
   see generation.py) and "query-agnostic" (the context compressed, the question fed after).
 * Language modelling ("lm") has one protocol, "teacher-forced": the prefix is compressed, the
   continuation fed in one chunk, and the full cache's distributions (computed once per window) are
-  the reference for the KL.
+  the reference for the KL. Each record's `metrics` hold the task's `measure`: perplexity, NLL, the
+  mean KL, its 99th percentile and worst token (`kl_p99`, `kl_max`), and the top-1 agreement and
+  its complement `top1_changed`.
 * "full" (no compression) runs once per sample, at budget 1.0, whatever the budgets.
 * Resume: cells whose key is already in `records.jsonl` are skipped, and a sample is prefilled
   only if one of its cells is missing. A results folder holds one model: resuming with another

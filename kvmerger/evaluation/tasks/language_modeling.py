@@ -10,16 +10,24 @@ Our choices:
 * Windows. Sample i reads `sources[i % len(sources)]` ("essays": the shipped Paul Graham essays;
   "shakespeare": tinyshakespeare), from a line start at a seeded random offset, and takes
   `context_tokens + continuation + 1` tokens: the first `context_tokens` are the prefix. The
-  tokens the tokenizer puts before any text (Gemma's `<bos>`; none for the default model) come
-  first and count in the prefix: models trained with them go astray without them.
+  repetitive stress sources ("noise", "repeated", "lists", "verse", "code";
+  kvmerger/evaluation/stress_texts.py) are generated, or cut from Python's own library source, from
+  the same seeded draw. The tokens the tokenizer puts before any text (Gemma's `<bos>`; none for
+  the default model) come first and count in the prefix: models trained with them go astray
+  without them.
+* `lm-stress` is the same task with the five stress sources as its default (issue 18: on repetitive
+  text a method can keep a small mean KL and still turn single tokens absurd).
 * Scoring. The `continuation` tokens after the prefix are fed in one chunk from the compressed
   cache; their `continuation` output distributions predict the tokens one further on. So every
   scored prediction comes from the compressed cache (the first token after the prefix is predicted
   by the prefill, which is uncompressed; it is fed, not scored).
-* Metrics, over those predictions: perplexity exp(mean NLL), mean KL(full || compressed) per token
-  in nats (the full cache's distributions from the same prefill, teacher-forced the same way), and
-  top-1 agreement, the share of positions where both caches' most likely token is the same; the
-  runner records the top-1 agreement as the cell's score (1 for the full cache).
+* Metrics, over those predictions: perplexity exp(mean NLL), KL(full || compressed) per token in
+  nats (the full cache's distributions from the same prefill, teacher-forced the same way) as its
+  mean (`kl`), its 99th percentile (`kl_p99`, linear interpolation between order statistics) and
+  its worst token (`kl_max`), and top-1 agreement, the share of positions where both caches' most
+  likely token is the same (`top1_changed` is the rest: the share whose top-1 prediction changed);
+  the runner records the top-1 agreement as the cell's score (1 for the full cache). The mean hides
+  what a user sees: one absurd token among 256 moves it little but is the worst token.
 
 This is not a question-answering `Task`: it has no question, no generation and no string to score,
 so it has its own small interface (`samples`, `measure`) and the runner dispatches on its type. It
@@ -28,6 +36,7 @@ is registered in the same `TASKS` table, so `get_task("lm")` and the command lin
 
 from __future__ import annotations
 
+import platform
 import random
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -36,9 +45,12 @@ import torch
 
 from kvmerger.evaluation.metrics import kl_divergence, token_nll
 from kvmerger.evaluation.tasks.base import TASKS
+from kvmerger.evaluation.stress_texts import GENERATORS
 from kvmerger.evaluation.texts import essays, leading_special_ids, shakespeare
 
-SOURCES = {"essays": essays, "shakespeare": shakespeare}
+SOURCES = {"essays": essays, "shakespeare": shakespeare}  # a window starts at a seeded line of the text
+KNOWN_SOURCES = (*SOURCES, *GENERATORS)  # GENERATORS: a window is the start of a seeded generated text
+KL_QUANTILE = 0.99  # the per-token KL percentile reported beside the mean and the worst token
 CHARS_PER_TOKEN = 8  # generous: the essays take ~4.2 characters per token with the default tokenizer
 
 
@@ -76,9 +88,9 @@ class LanguageModeling:
         if isinstance(self.sources, str):
             self.sources = (self.sources,)
         self.sources = tuple(self.sources)
-        unknown = [source for source in self.sources if source not in SOURCES]
+        unknown = [source for source in self.sources if source not in KNOWN_SOURCES]
         if not self.sources or unknown:
-            raise ValueError(f"sources must be some of {', '.join(SOURCES)}; got {self.sources!r}")
+            raise ValueError(f"sources must be some of {', '.join(KNOWN_SOURCES)}; got {self.sources!r}")
         if not isinstance(self.continuation, int) or self.continuation < 1:
             raise ValueError(f"continuation is a number of tokens, at least 1; got {self.continuation!r}")
 
@@ -96,13 +108,20 @@ class LanguageModeling:
 
     def window(self, tokenizer, context_tokens: int, seed: int, index: int) -> Window:
         source = self.sources[index % len(self.sources)]
-        text = SOURCES[source]()
         total = context_tokens + self.continuation + 1
         span = total * CHARS_PER_TOKEN
-        if span >= len(text):
-            raise ValueError(f"the {source} text is too short for a window of {total} tokens")
-        start = random.Random(f"{self.name}/{seed}/{index}").randrange(0, len(text) - span)
-        start = text.find("\n", start) + 1  # begin at a line start (find never fails: span lies ahead)
+        draw = random.Random(f"{self.name}/{seed}/{index}")
+        meta: dict[str, Any] = {"source": source}
+        if source in GENERATORS:
+            text, start = GENERATORS[source](draw, span), 0
+            if source == "code":
+                meta["python"] = platform.python_version()  # the text is this interpreter's library source
+        else:
+            text = SOURCES[source]()
+            if span >= len(text):
+                raise ValueError(f"the {source} text is too short for a window of {total} tokens")
+            start = draw.randrange(0, len(text) - span)
+            start = text.find("\n", start) + 1  # begin at a line start (find never fails: span lies ahead)
         text_ids = tokenizer(text[start : start + span], add_special_tokens=False).input_ids
         ids = leading_special_ids(tokenizer) + text_ids
         if len(ids) < total:
@@ -111,19 +130,38 @@ class LanguageModeling:
             self.name,
             ids[:context_tokens],
             ids[context_tokens:total],
-            {"source": source, "offset": start, "index": index, "seed": seed},
+            {**meta, "offset": start, "index": index, "seed": seed},
         )
 
     @staticmethod
     def measure(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Metrics of one window from the full cache's and the compressed cache's logits [1, M, vocab]."""
         nll = token_nll(logits, targets)
+        kl = kl_divergence(reference_logits, logits).flatten()
+        agreement = float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean())
         return {
             "perplexity": float(nll.mean().exp()),
             "nll": float(nll.mean()),
-            "kl": float(kl_divergence(reference_logits, logits).mean()),
-            "top1_agreement": float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean()),
+            "kl": float(kl.mean()),
+            "kl_p99": float(kl.quantile(KL_QUANTILE)),
+            "kl_max": float(kl.max()),
+            "top1_agreement": agreement,
+            "top1_changed": 1.0 - agreement,
         }
 
 
-TASKS[LanguageModeling.name] = LanguageModeling  # type: ignore[assignment]  # not a question-answering Task
+@dataclass
+class StressLanguageModeling(LanguageModeling):
+    """Language modelling on repetitive texts (RULER noise, repeated passages, lists, verse, code)."""
+
+    name: ClassVar[str] = "lm-stress"
+    summary: ClassVar[str] = (
+        "language modelling on repetitive texts (noise, repeated passage, lists, verse with a refrain, code): "
+        "mean and worst-token KL to the full cache"
+    )
+
+    sources: tuple[str, ...] = tuple(GENERATORS)
+
+
+for _task in (LanguageModeling, StressLanguageModeling):
+    TASKS[_task.name] = _task  # type: ignore[assignment]  # not a question-answering Task
