@@ -32,7 +32,7 @@ from kvmerger.evaluation.runner import MethodSpec, RunSettings, TaskPlan
 from kvmerger.methods import METHODS
 
 PAPER_COMPARISON = ("full", "kvmerger", "streaming-llm", "h2o", "cam", "snapkv", "tova", "knorm", "random")
-# KVMerger's best variant at a small budget (docs/BENCHMARKS.md section 7, chosen on seed 1 and other
+# KVMerger's best variant at a small budget (docs/BENCHMARKS.md section 9, chosen on seed 1 and other
 # texts than the ones compare reports): the fitted merge, its pivots and protected tokens ranked by
 # the aggregated attention and SnapKV's window together, 40% of the budget protected as recent tokens
 # and 50% as top-scored ones.
