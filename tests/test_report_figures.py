@@ -33,6 +33,7 @@ def row(method: str, budget: float, score: float = 1.0, perplexity: float | None
         kl=0.05 if lm else None,
         top1_agreement=0.9 if lm else None,
         memory_ratio=budget,
+        cache_memory_ratio=budget,
         shared_scoring_ms=0.0,
         compressing_ms=1.0,
         decoding_ms=1.0,

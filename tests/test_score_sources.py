@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerger import compress, compress_prefill, get_method, record_prefill
+from kvmerger.engine.hf import layer_kinds
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
 from kvmerger.engine.scoring import largest_attention, pooled_window_attention
 from tests.conftest import CharTokenizer, build_tiny
@@ -171,27 +172,44 @@ def test_reconstruction_matches_a_plain_repeat_pass(tiny, prompt):
     assert queries.shape[:2] == (1, 4) and 1 <= queries.shape[2] <= 36
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    return build_tiny("gemma3", seed=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize(
     ("name", "params"),
     [("kvzip", {}), ("kvmerger", {"score": "reconstruction"}), ("fitted-kvmerger", {"reference": "reconstruction"})],
 )
-def test_reconstruction_methods_keep_the_same_slots_online_and_offline(tiny, prompt, name, params):
+def test_reconstruction_methods_keep_the_same_slots_online_and_offline(tiny, tiny_gemma, prompt, family, name, params):
+    """Also on a model with sliding-window layers, which the repeat pass overwrites and the engine restores."""
+    model = tiny if family == "llama" else tiny_gemma
     tokenizer = CharTokenizer()
     method = get_method(name, budget=0.35, **params)
-    with torch.no_grad(), compress(tiny, method, tokenizer=tokenizer) as session:
-        output = tiny(prompt)
-    offline, _ = compress_prefill(record_prefill(tiny, prompt, tokenizer=tokenizer), method)
-    for online_layer, offline_layer in zip(output.cache.layers, offline.layers):
-        assert online_layer.seen_tokens == 40, "the repeat tokens must not stay in the cache"
+    with torch.no_grad():
+        plain = model(prompt, use_cache=True).past_key_values
+    with torch.no_grad(), compress(model, method, tokenizer=tokenizer) as session:
+        output = model(prompt)
+    offline, _ = compress_prefill(record_prefill(model, prompt, tokenizer=tokenizer), method)
+    for index, (online_layer, offline_layer) in enumerate(zip(output.cache.layers, offline.layers)):
+        assert online_layer.get_seq_length() == 40, "the repeat tokens must not stay in the cache"
         torch.testing.assert_close(online_layer.keys, offline_layer.keys)
         torch.testing.assert_close(online_layer.values, offline_layer.values)
+        if getattr(online_layer, "is_sliding", False):  # restored exactly as the plain prefill left it
+            torch.testing.assert_close(online_layer.keys, plain.layers[index].keys, rtol=0, atol=0)
     assert session.report.layers[0].seconds_scoring > 0
 
 
-def test_expected_and_window_scores_drive_kvmerger(tiny, prompt):
-    prefill = record_prefill(tiny, prompt)
-    for score in ("window", "expected"):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_expected_and_window_scores_drive_kvmerger(tiny, tiny_gemma, prompt, family):
+    model = tiny if family == "llama" else tiny_gemma
+    prefill = record_prefill(model, prompt)
+    for score in ("window", "expected", "aggregated+window"):
         cache, report = compress_prefill(prefill, get_method("kvmerger", budget=0.35, score=score))
-        assert cache.slots() == [14, 14, 14]
+        kinds = layer_kinds(model.config)
+        assert [slots for slots, kind in zip(cache.slots(), kinds) if kind == "full_attention"] == [14] * kinds.count(
+            "full_attention"
+        )
     with pytest.raises(ValueError, match="score must be one of"):
         get_method("kvmerger", score="question")

@@ -179,3 +179,27 @@ def test_stop_strings_cut_the_answer_after_its_leading_whitespace():
     assert cut_at_stop(" 60494.\n", (".", "\n")) == " 60494"
     assert cut_at_stop("\n\n eat a sandwich and\nsit in Dolores Park.", (".", "\n\n")) == "\n\n eat a sandwich and\nsit in Dolores Park"
     assert cut_at_stop(" eat a sandwich", (".",)) is None
+
+
+def bos_char_tokenizer():
+    """A character-level tokenizer that puts <bos> before every text, as Gemma's does."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {"[UNK]": 0, "<bos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", unk_token="[UNK]")
+
+
+def test_language_modelling_windows_begin_with_the_tokens_the_tokenizer_puts_first(tokenizer):
+    from kvmerger.evaluation.texts import leading_special_ids
+
+    assert leading_special_ids(tokenizer) == []  # the default model's tokenizer puts none
+    with_bos = bos_char_tokenizer()
+    assert leading_special_ids(with_bos) == [1]
+    for window in LanguageModeling(continuation=8).samples(with_bos, 50, 2, seed=0):
+        assert len(window.prefix_ids) == 50 and len(window.continuation_ids) == 9
+        assert window.prefix_ids[0] == 1 and 1 not in window.prefix_ids[1:] + window.continuation_ids

@@ -106,7 +106,7 @@ def draw_adjacent_cosine(profile: MergeProfile) -> Figure:
             median.set(color="black", linewidth=0.8)
         ax.plot([], [], color=colour, linewidth=6, alpha=0.6, label=label)
     _eps_line(ax, profile)
-    ax.set_xticks(layers)
+    _layer_ticks(ax, profile)
     ax.tick_params(labelsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("cos(token t, token t+1)")
@@ -152,6 +152,7 @@ def _cosine_bands(ax: Axes, profile: MergeProfile) -> None:
         median = distribution.quantile(0.5)
         ax.plot(layers, median, color=colour, marker="o", markersize=3, label=f"{label} (median, quartiles)")
     _eps_line(ax, profile)
+    _layer_ticks(ax, profile)
     ax.set_ylabel("cos(token t, token t+1)")
     ax.set_ylim(min(-0.05, float(profile.value_cosine.quantile(0.25).min()) - 0.05), 1.02)
     ax.legend(fontsize=8, loc="lower right")
@@ -165,10 +166,16 @@ def _share_lines(ax: Axes, profile: MergeProfile, variant: str) -> None:
         ax.fill_between(layers, kind_stats.low, kind_stats.high, color=colour, alpha=0.2, linewidth=0)
         label = f"{kind} (n={kind_stats.samples})"
         ax.plot(layers, kind_stats.mean, color=colour, marker="o", markersize=3, label=label)
+    _layer_ticks(ax, profile)
     ax.set_ylabel("tokens merged")
     ax.set_ylim(0.0, 1.0)
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
     ax.legend(fontsize=8, loc="lower right")
+
+
+def _layer_ticks(ax: Axes, profile: MergeProfile) -> None:
+    """Ticks at every profiled layer, labelled with the model's layer index."""
+    ax.set_xticks(np.arange(profile.num_layers), [str(layer) for layer in profile.layer_ids])
 
 
 def _eps_line(ax: Axes, profile: MergeProfile) -> None:

@@ -40,6 +40,10 @@ Definitions (the choices made here):
 * **Heatmaps**: token x token cosine of keys and of values over a window of ``window`` tokens
   centred in the first sample, for the chosen layers and KV heads (a figure, not a hot path: this
   is the only place a [W, W] matrix is built).
+* **Layers profiled**: the layers kvmerger compresses, the full-attention ones. A model's
+  sliding-window layers (Gemma 3, Qwen with `use_sliding_window`) keep their own cache of at most
+  the window and are never merged, so they are left out; `MergeProfile.layer_ids` holds the
+  model's index of every profiled layer, and every per-layer array follows that order.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvmerger.analysis.samples import TextSample
+from kvmerger.engine.hf import FULL_ATTENTION, layer_kinds
 from kvmerger.engine.session import record_prefill
 from kvmerger.methods.kvmerger import KVMerger, MergingSets, adjacent_similarity
 
@@ -210,6 +215,13 @@ class MergeProfile:
     key_cosine: CosineDistribution
     value_cosine: CosineDistribution
     heatmaps: list[Heatmap]
+    layer_ids: list[int] = field(default_factory=list)  # the model's index of each profiled layer
+
+    def __post_init__(self) -> None:
+        if not self.layer_ids:
+            self.layer_ids = list(range(self.num_layers))
+        if len(self.layer_ids) != self.num_layers:
+            raise ValueError(f"{len(self.layer_ids)} layer ids for {self.num_layers} profiled layers")
 
     def shares(self, kind: str, variant: str, statistic: str = "merged_share") -> np.ndarray:
         """[samples of `kind`, L]: per-sample, per-layer shares (`merged_share` or `slots_share`)."""
@@ -234,8 +246,9 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
 def heatmaps_of(
     keys: list[torch.Tensor], values: list[torch.Tensor], layers: list[int], heads: list[int], window: int
 ) -> list[Heatmap]:
-    """Token x token cosine of keys and values [1, H, T, d] per layer, for a centred window."""
-    length = keys[0].shape[-2]
+    """Token x token cosine of keys and values [1, H, T, d] per layer (`keys[layer]` for every layer
+    in `layers`), for a centred window."""
+    length = keys[layers[0]].shape[-2]
     window = min(window, length)
     start = (length - window) // 2
     span = slice(start, start + window)
@@ -270,30 +283,37 @@ def analyze(
     if window < 2:
         raise ValueError(f"the heatmap window must hold at least 2 tokens, got {window}")
     config = model.config.get_text_config(decoder=True)
-    num_layers = config.num_hidden_layers
+    layer_ids = [index for index, kind in enumerate(layer_kinds(model.config)) if kind == FULL_ATTENTION]
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    layers = default_heatmap_layers(num_layers) if heatmap_layers is None else list(heatmap_layers)
+    layers = default_heatmap_layers(layer_ids) if heatmap_layers is None else list(heatmap_layers)
     heads = [0] if heatmap_heads is None else list(heatmap_heads)
-    _check_indices("layer", layers, num_layers)
+    _check_indices("layer", layers, config.num_hidden_layers)
     _check_indices("KV head", heads, num_kv_heads)
+    skipped = [layer for layer in layers if layer not in layer_ids]
+    if skipped:
+        raise ValueError(
+            f"heatmap layers {skipped} are sliding-window layers, which kvmerger never compresses; choose among the "
+            f"full-attention layers {layer_ids}"
+        )
     longest = getattr(config, "max_position_embeddings", None)
     if longest is not None and max(s.tokens for s in samples) > longest:
         raise ValueError(f"samples of {max(s.tokens for s in samples)} tokens exceed the model's context ({longest})")
 
     mergers = variant_mergers(eps, budget)
-    key_cosine = CosineDistribution(num_layers, eps)
-    value_cosine = CosineDistribution(num_layers, eps)
+    key_cosine = CosineDistribution(len(layer_ids), eps)
+    value_cosine = CosineDistribution(len(layer_ids), eps)
     results: list[SampleResult] = []
     heatmaps: list[Heatmap] = []
     device = next(model.parameters()).device
     for sample in tqdm(samples, desc="prefill + merging sets", unit="sample", disable=not progress):
         prefill = record_prefill(model, sample.ids.to(device))
         measures = []
-        for layer_idx, layer in enumerate(prefill.cache.layers):
+        for position, layer_idx in enumerate(layer_ids):
+            layer = prefill.cache.layers[layer_idx]
             attention = prefill.scores[layer_idx].aggregated_attention()
             measure = measure_layer(layer.keys, layer.values, attention, mergers)
-            key_cosine.add(layer_idx, measure.key_similarity)
-            value_cosine.add(layer_idx, measure.value_similarity)
+            key_cosine.add(position, measure.key_similarity)
+            value_cosine.add(position, measure.value_similarity)
             measures.append(measure)
         if not heatmaps:
             keys = [layer.keys for layer in prefill.cache.layers]
@@ -310,15 +330,25 @@ def analyze(
         "heatmap_layers": layers,
         "heatmap_heads": heads,
         "heatmap_window": min(window, samples[0].tokens),
+        "model_layers": config.num_hidden_layers,
     }
     return MergeProfile(
-        model_name, settings, num_layers, num_kv_heads, _kinds(samples), results, key_cosine, value_cosine, heatmaps
+        model_name,
+        settings,
+        len(layer_ids),
+        num_kv_heads,
+        _kinds(samples),
+        results,
+        key_cosine,
+        value_cosine,
+        heatmaps,
+        layer_ids,
     )
 
 
-def default_heatmap_layers(num_layers: int) -> list[int]:
-    """First, middle and last layer."""
-    return sorted({0, num_layers // 2, num_layers - 1})
+def default_heatmap_layers(layer_ids: list[int]) -> list[int]:
+    """First, middle and last of the profiled layers (the model's indices)."""
+    return sorted({layer_ids[0], layer_ids[len(layer_ids) // 2], layer_ids[-1]})
 
 
 def _check_indices(what: str, indices: list[int], count: int) -> None:

@@ -77,6 +77,7 @@ def profile_document(profile: MergeProfile) -> dict[str, Any]:
         "model": profile.model,
         "settings": profile.settings,
         "num_layers": profile.num_layers,
+        "layer_ids": profile.layer_ids,
         "num_kv_heads": profile.num_kv_heads,
         "kinds": profile.kinds,
         "definitions": DEFINITIONS,
@@ -138,7 +139,7 @@ def _sample_rows(profile: MergeProfile) -> list[dict[str, Any]]:
             "kind": s.kind,
             "sample": s.index,
             "variant": variant,
-            "layer": layer,
+            "layer": profile.layer_ids[layer],
             "merged_share": s.merged_share[variant][layer],
             "slots_share": s.slots_share[variant][layer],
         }
@@ -157,7 +158,7 @@ def _profile_rows(profile: MergeProfile) -> list[dict[str, Any]]:
                     {
                         "variant": variant,
                         "kind": kind,
-                        "layer": layer,
+                        "layer": profile.layer_ids[layer],
                         "mean": s.mean[layer],
                         "std": s.std[layer],
                         "min": s.low[layer],
@@ -174,7 +175,7 @@ def _cosine_rows(profile: MergeProfile) -> list[dict[str, Any]]:
         document = cosine_document(distribution)
         for layer in range(profile.num_layers):
             per_layer = {name: values[layer] for name, values in document.items()}
-            rows.append({"tensor": tensor, "layer": layer, **per_layer})
+            rows.append({"tensor": tensor, "layer": profile.layer_ids[layer], **per_layer})
     return rows
 
 

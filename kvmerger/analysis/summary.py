@@ -22,7 +22,7 @@ def summary_markdown(profile: MergeProfile) -> str:
         f"# Where {profile.model} says to merge",
         "",
         f"{len(profile.samples)} samples of {'/'.join(map(str, settings['tokens']))} tokens ({counts}); "
-        f"{profile.num_layers} layers, {profile.num_kv_heads} KV heads. Merging sets from `KVMerger.identify` "
+        f"{_layers_text(profile)}, {profile.num_kv_heads} KV heads. Merging sets from `KVMerger.identify` "
         f"(mode paper, eps = {settings['eps']:g}). *Merged share*: tokens in a merging set of more than one token, "
         "over all tokens, per KV head, averaged over heads. *No protection*: every adjacent pair above eps merges. "
         f"*Paper protection* (budget {settings['budget_for_protection']:g}): the {protection['recent_ratio']:.0%} "
@@ -42,7 +42,7 @@ def summary_markdown(profile: MergeProfile) -> str:
         *[_persistence_row(variant, stats[variant]) for variant in VARIANTS],
         "",
         *_pair_lines(stats),
-        *_extreme_layer_lines(stats["no protection"]),
+        *_extreme_layer_lines(profile, stats["no protection"]),
         "",
         "## Per layer",
         "",
@@ -92,12 +92,24 @@ def _pair_lines(stats: dict[str, Persistence]) -> list[str]:
     return [*lines, ""]
 
 
-def _extreme_layer_lines(stats: Persistence) -> list[str]:
+def _layers_text(profile: MergeProfile) -> str:
+    """"30 layers", or which layers were profiled when the model has layers kvmerger does not compress."""
+    total = profile.settings.get("model_layers", profile.num_layers)
+    if total == profile.num_layers:
+        return f"{profile.num_layers} layers"
+    return (
+        f"the {profile.num_layers} full-attention layers ({', '.join(map(str, profile.layer_ids))}) of {total}; the "
+        f"{total - profile.num_layers} sliding-window layers, which kvmerger never compresses, are not profiled"
+    )
+
+
+def _extreme_layer_lines(profile: MergeProfile, stats: Persistence) -> list[str]:
     mean = np.mean([s.mean for s in stats.by_kind.values()], axis=0)
     order = np.argsort(mean, kind="stable")
     count = min(3, len(mean))
-    low = ", ".join(f"{i} ({mean[i]:.0%})" for i in order[:count])
-    high = ", ".join(f"{i} ({mean[i]:.0%})" for i in order[::-1][:count])
+    ids = profile.layer_ids
+    low = ", ".join(f"{ids[i]} ({mean[i]:.0%})" for i in order[:count])
+    high = ", ".join(f"{ids[i]} ({mean[i]:.0%})" for i in order[::-1][:count])
     saturated = int((np.min([s.low for s in stats.by_kind.values()], axis=0) >= SATURATED).sum())
     return [
         f"Least merged layers (no protection, mean over kinds): {low}. Most merged: {high}. "
@@ -115,7 +127,8 @@ def _layer_table(profile: MergeProfile, stats: dict[str, Persistence]) -> list[s
     key_mean, value_mean = profile.key_cosine.mean(), profile.value_cosine.mean()
     above = profile.key_cosine.share_above_eps()
     for layer in range(profile.num_layers):
-        cells = [str(layer), f"{key_mean[layer]:.3f}", f"{value_mean[layer]:.3f}", f"{above[layer]:.1%}"]
+        cells = [str(profile.layer_ids[layer]), f"{key_mean[layer]:.3f}", f"{value_mean[layer]:.3f}"]
+        cells.append(f"{above[layer]:.1%}")
         for variant in VARIANTS:
             for kind in kinds:
                 s = stats[variant].by_kind[kind]

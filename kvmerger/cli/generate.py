@@ -161,11 +161,11 @@ class Answer:
 
     @property
     def bytes_before(self) -> int:
-        return self.report.bytes_before if self.report else 0
+        return self.report.cache_bytes_before if self.report else 0  # the whole cache, sliding layers included
 
     @property
     def bytes_after(self) -> int:
-        return self.report.bytes_after if self.report else 0
+        return self.report.cache_bytes_after if self.report else 0
 
     @property
     def seconds_compressing(self) -> float:

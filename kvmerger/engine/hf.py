@@ -7,6 +7,11 @@
   per-slot bias added, and the hook through which a compression session sees each layer's query
   and key states once, right after the prompt's prefill attention of that layer (with each
   softmax row's log-normaliser, where `engine.kernels` can keep it).
+* Layer kinds: full-attention layers get a `CompressedLayer` and are compressed; sliding-window
+  layers keep transformers' own bounded `DynamicSlidingWindowLayer` and are never compressed (their
+  cache already holds at most the window). transformers builds one mask per layer kind, sized by
+  the first layer of that kind: the full-attention mask from a `CompressedLayer` (slots stored,
+  positions from tokens seen), the sliding one from a sliding layer, as without kvmerger.
 * `check_supported` / `install_session`: which models the engine can drive, and the forward
   pre-hook that gives `generate()`'s cache our layers.
 
@@ -16,13 +21,14 @@ Nothing else in the package imports transformers' private modules.
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -154,66 +160,152 @@ class CompressedLayer(DynamicLayer):
 
 
 class CompressedCache(Cache):
-    """A cache of `CompressedLayer`s, one per decoder layer; pass it to `model(...)` or `generate()`."""
+    """A cache for `model(...)` or `generate()`: a `CompressedLayer` per full-attention layer, and
+    transformers' own sliding-window layer per sliding-window layer (never compressed)."""
 
-    def __init__(self, config: Any = None, num_layers: int | None = None) -> None:
+    def __init__(self, config: Any = None, num_layers: int | None = None, layers: list | None = None) -> None:
         if config is not None:
-            num_layers = _full_attention_layer_count(config)
-        if num_layers is None:
+            layers = layers_for(config)
+        elif num_layers is not None:
+            layers = [CompressedLayer() for _ in range(num_layers)]
+        if layers is None:
             super().__init__(layer_class_to_replicate=CompressedLayer)
         else:
-            super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+            super().__init__(layers=layers)
 
     @classmethod
     def from_tensors(
         cls,
-        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | CacheLayerMixin],
         seen_tokens: int,
     ) -> CompressedCache:
-        """A cache holding the given (keys, values, bias) per layer, having seen `seen_tokens`."""
-        cache = cls(num_layers=len(layers))
-        for layer, (keys, values, bias) in zip(cache.layers, layers, strict=True):
+        """A cache holding the given (keys, values, bias) per compressed layer, having seen `seen_tokens`.
+
+        An item that is a cache layer instead (a sliding-window layer, which is never compressed) is
+        taken over as a copy that shares its tensors (they are replaced, never written in place,
+        when tokens are appended), so decoding from the new cache leaves the original alone.
+        """
+        built: list[CacheLayerMixin] = []
+        for item in layers:
+            if isinstance(item, CacheLayerMixin):
+                built.append(copy.copy(item))
+                continue
+            keys, values, bias = item
+            layer = CompressedLayer()
             layer.replace(keys, values, bias)
             layer.seen_tokens = seen_tokens
             layer.compressed_slots = keys.shape[-2] if keys.shape[-2] < seen_tokens else 0
-        return cache
+            built.append(layer)
+        return cls(layers=built)
 
     def fork(self) -> CompressedCache:
         """A new cache holding the same stored slots, to continue from this point more than once (several
         questions over one compressed prompt). The tensors are shared, not copied: a layer's update
         concatenates into new tensors and never writes into the stored ones."""
-        forked = CompressedCache(num_layers=len(self.layers))
-        for mine, theirs in zip(forked.layers, self.layers, strict=True):
+        layers: list[CacheLayerMixin] = []
+        for theirs in self.layers:
+            if not isinstance(theirs, CompressedLayer):  # a sliding-window layer: a copy sharing its tensors
+                layers.append(copy.copy(theirs))
+                continue
+            mine = CompressedLayer()
             if theirs.is_initialized:
                 mine.replace(theirs.keys, theirs.values, theirs.slot_bias)
             mine.seen_tokens = theirs.seen_tokens
             mine.compressed_slots = theirs.compressed_slots
             mine.hold = theirs.hold
-        return forked
+            layers.append(mine)
+        return CompressedCache(layers=layers)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every layer's stored keys and values (and per-slot biases), compressed or not."""
+        return sum(layer_nbytes(layer) for layer in self.layers)
 
     def slots(self) -> list[int]:
-        return [layer.stored_slots for layer in self.layers]
+        """Slots stored per KV head, per layer (a sliding-window layer holds at most its window)."""
+        return [layer_slots(layer) for layer in self.layers]
 
 
-def _full_attention_layer_count(config: Any) -> int:
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def restorer(layer: CacheLayerMixin) -> Callable[[], None]:
+    """A function that puts `layer` (the same object) back in its present state: for a sliding-window
+    layer, which cannot be cropped back once a pass has slid it forward. Its tensors are shared, not
+    copied: transformers' layers replace them when they grow, never write into them."""
+    state = dict(vars(layer))
+
+    def restore() -> None:
+        vars(layer).clear()
+        vars(layer).update(state)
+
+    return restore
+
+
+def is_compressed(layer: Any) -> bool:
+    """Whether the engine compresses this cache layer (full attention) or leaves it as it is."""
+    return isinstance(layer, CompressedLayer)
+
+
+def layer_kind(layer: CacheLayerMixin) -> str:
+    """The attention kind a cache layer serves: "full_attention" or "sliding_attention"."""
+    return SLIDING_ATTENTION if getattr(layer, "is_sliding", False) else FULL_ATTENTION
+
+
+def layer_nbytes(layer: CacheLayerMixin) -> int:
+    if isinstance(layer, CompressedLayer):
+        return layer.nbytes()
+    if not layer.is_initialized or layer.keys is None:
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
+def layer_slots(layer: CacheLayerMixin) -> int:
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return 0
+    return layer.keys.shape[-2]
+
+
+def layer_kinds(config: Any) -> list[str]:
+    """Each decoder layer's attention kind, "full_attention" or "sliding_attention".
+
+    Raises `UnsupportedModelError` for any other kind, and for a model with no full-attention layer
+    (there would be nothing to compress).
+    """
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = _layer_types(text_config)
-    unsupported = [(i, kind) for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    kinds = _layer_types(text_config)
+    unsupported = [(i, kind) for i, kind in enumerate(kinds) if kind not in (FULL_ATTENTION, SLIDING_ATTENTION)]
     if unsupported:
         listed = ", ".join(f"layer {i}: {kind}" for i, kind in unsupported[:6])
+        raise UnsupportedModelError(
+            "kvmerger compresses full-attention layers and leaves sliding-window layers as transformers bounds "
+            f"them; this model has other kinds: {listed}"
+        )
+    if FULL_ATTENTION not in kinds:
+        window = getattr(text_config, "sliding_window", None)
         hint = ""
-        if any(kind == "sliding_attention" for _, kind in unsupported):
+        if getattr(text_config, "layer_types", None) is None:
             hint = (
-                f" (sliding_window={getattr(text_config, 'sliding_window', None)}; if your prompts and answers fit in "
-                "that window, set `model.config.sliding_window = None` and every layer becomes full attention)"
+                "; if your prompts and answers fit in that window, set `model.config.sliding_window = None`: every "
+                "layer then becomes full attention, with the same outputs"
             )
         raise UnsupportedModelError(
-            f"kvmerger compresses full-attention layers only, and this model has other kinds: {listed}{hint}"
+            f"every layer of this model is sliding-window attention (sliding_window={window}), whose cache "
+            f"transformers already bounds to the window; kvmerger compresses full-attention layers only, so it "
+            f"has nothing to compress here{hint}"
         )
-    return len(layer_types)
+    return kinds
+
+
+def layers_for(config: Any) -> list[CacheLayerMixin]:
+    """Fresh cache layers for `config`'s decoder: compressible ones for full attention, transformers'
+    sliding-window layers (with the config's window) for sliding-window attention."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "sliding_window", None)
+    return [
+        CompressedLayer() if kind == FULL_ATTENTION else DynamicSlidingWindowLayer(sliding_window=window)
+        for kind in layer_kinds(config)
+    ]
 
 
 def _layer_types(text_config: Any) -> list[str]:
@@ -327,11 +419,12 @@ def _prefill_attention_with_lse(
 
 
 def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """Resize the model's mask, built for layer 0's slot count, to a layer holding `kv_length` slots.
+    """Resize the full-attention mask, built for the first such layer's slots, to a layer holding `kv_length`.
 
-    transformers builds one mask for all layers from layer 0's sizes; layers compressed to other
-    lengths (paper mode) need their own. With no padding and full attention (both checked when a
-    session starts) every stored slot is visible and the new tokens keep their causal block.
+    transformers builds one full-attention mask from the first full-attention layer's sizes; layers
+    compressed to other lengths (paper mode) need their own. Only full-attention layers come here
+    (sliding-window layers keep transformers' own mask), and with no padding (checked when a forward
+    pass starts) every stored slot is visible and the new tokens keep their causal block.
     """
     new_tokens = mask.shape[-2]
     stored = kv_length - new_tokens
@@ -380,7 +473,7 @@ def check_supported(model: torch.nn.Module) -> None:
     for field in ("num_attention_heads", "num_hidden_layers"):
         if getattr(text_config, field, None) is None:
             raise UnsupportedModelError(f"{name}'s config has no `{field}`")
-    _full_attention_layer_count(config)
+    layer_kinds(config)
     if not attention_modules(model):
         raise UnsupportedModelError(f"{name} has no attention modules with a `layer_idx` attribute")
 
@@ -481,21 +574,28 @@ def _check_no_padding(attention_mask: torch.Tensor | None) -> None:
 
 
 def _as_compressed_cache(cache: Cache, config: Any) -> Cache:
-    """Give an empty transformers cache kvmerger layers, in place, so callers' references stay valid."""
-    if isinstance(cache, CompressedCache) or all(isinstance(layer, CompressedLayer) for layer in cache.layers):
-        if cache.layer_class_to_replicate is not None:
-            cache.layer_class_to_replicate = CompressedLayer
-        return cache
-    if type(cache) is not DynamicCache:
+    """Give an empty transformers cache kvmerger's layers, in place, so callers' references stay valid.
+
+    A cache already laid out for this model (a `CompressedLayer` exactly where the layer is full
+    attention) is used as it is; an empty `CompressedCache` or `DynamicCache` gets fresh layers.
+    """
+    if not isinstance(cache, CompressedCache) and type(cache) is not DynamicCache:
         raise ValueError(
             f"kvmerger cannot compress a {type(cache).__name__}; pass a kvmerger.CompressedCache, a DynamicCache "
             "or no cache at all"
         )
-    if cache.get_seq_length() > 0:
+    kinds = layer_kinds(config)
+    laid_out = len(cache.layers) == len(kinds) and all(
+        is_compressed(layer) == (kind == FULL_ATTENTION) for layer, kind in zip(cache.layers, kinds)
+    )
+    if laid_out:
+        cache.layer_class_to_replicate = None
+        return cache
+    if any(layer_slots(layer) for layer in cache.layers):
         raise ValueError(
-            "the DynamicCache passed in already holds tokens; start from an empty cache (or a CompressedCache) so "
-            "that kvmerger can compress the prompt"
+            f"the {type(cache).__name__} passed in already holds tokens in layers kvmerger did not lay out; start "
+            "from an empty cache (or a CompressedCache) so that kvmerger can compress the prompt"
         )
-    cache.layers = [CompressedLayer() for _ in range(_full_attention_layer_count(config))]
+    cache.layers = layers_for(config)
     cache.layer_class_to_replicate = None
     return cache

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmerger.engine.hf import CompressedCache, CompressedLayer, install_session
+from kvmerger.engine.hf import CompressedCache, install_session, is_compressed, restorer
 from kvmerger.engine.scoring import SINK_TOKENS, largest_attention
 from kvmerger.engine.session import Session
 
@@ -123,8 +123,8 @@ class Reconstruction:
         self.chunk_tokens = chunk_tokens
         self.sink_tokens = sink_tokens
         self.reference_queries = reference_queries
-        self._scores: list[torch.Tensor] | None = None
-        self._queries: list[list[torch.Tensor]] = []
+        self._scores: dict[int, torch.Tensor] | None = None  # per compressed layer index
+        self._queries: dict[int, list[torch.Tensor]] = {}
         self.seconds = 0.0
 
     @property
@@ -145,17 +145,18 @@ class Reconstruction:
         if self._scores is not None:
             return
         start = time.perf_counter()
-        layers = [layer for layer in self.cache.layers if isinstance(layer, CompressedLayer)]
-        if len(layers) != len(self.cache.layers) or any(layer.compressed_slots for layer in layers):
+        compressed = {index: layer for index, layer in enumerate(self.cache.layers) if is_compressed(layer)}
+        if any(layer.compressed_slots for layer in compressed.values()):
             raise ValueError("the reconstruction pass needs the prompt's full, uncompressed cache")
         prompt = RepeatPrompt.for_tokenizer(self.tokenizer if self.tokenizer is not None else load_tokenizer(self.model))
         sinks = min(self.sink_tokens, self.length - 1)
         chunks = chunk_bounds(self.length, sinks, self.chunk_tokens)
-        batch, kv_heads = layers[0].keys.shape[:2]
-        scores = torch.zeros(len(layers), batch, kv_heads, self.length, device=layers[0].keys.device)
-        scores[..., :sinks] = math.inf
-        self._scores = list(scores)
-        self._queries = [[] for _ in layers]
+        batch, kv_heads = next(iter(compressed.values())).keys.shape[:2]
+        self._scores = {}
+        for index, layer in compressed.items():
+            self._scores[index] = torch.zeros(batch, kv_heads, self.length, device=layer.keys.device)
+            self._scores[index][..., :sinks] = math.inf
+        self._queries = {index: [] for index in compressed}
         stride = max(1, math.ceil((self.length - sinks) / max(1, self.reference_queries)))
         session = _RepeatSession(self.model, self)
         with torch.no_grad(), install_session(self.model, session):
@@ -168,9 +169,13 @@ class Reconstruction:
                     dim=1,
                 )
                 session.chunk = (first, last, len(head), _kept_rows(first, last, sinks, stride))
+                # a sliding-window layer cannot be cropped back once the chunk slid it forward: restore it
+                restores = [restorer(layer) for layer in self.cache.layers if not is_compressed(layer)]
                 self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-                for layer in layers:
+                for layer in compressed.values():
                     layer.crop(-ids.shape[1])
+                for restore in restores:
+                    restore()
         self.seconds = time.perf_counter() - start
 
 

@@ -12,6 +12,10 @@ that layer's attention) -> method -> smaller cache -> decoding.
   without prefilling again (the evaluation harness compares methods this way).
 * `attach(model)`: a session that only applies per-slot biases, for decoding with a cache that
   was compressed elsewhere.
+
+Only full-attention layers are compressed. A sliding-window layer (Gemma 3, Mistral with a window,
+Qwen with `use_sliding_window`) keeps transformers' own cache, bounded by its window; it is never
+handed to a method, and reports list it in `kept_layers` with its bytes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ from kvmerger.engine.hf import (
     UnsupportedModelError,
     check_supported,
     install_session,
+    is_compressed,
+    layer_kind,
+    layer_nbytes,
+    layer_slots,
     rotary_tables,
 )
-from kvmerger.engine.report import CompressionReport, LayerReport
+from kvmerger.engine.report import CompressionReport, KeptLayer, LayerReport
 from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, ScoreContext, _synchronize, new_query_attention
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState
 
@@ -295,6 +303,7 @@ class CompressionSession(Session):
             for layer, layer_idx, attention in deferred:
                 self._compress(layer, layer_idx, attention)
         if self._building is not None:
+            self._building.kept_layers = kept_layers(cache)
             self.reports.append(self._building)
             self._building = None
 
@@ -373,6 +382,15 @@ def _check_output(method: CompressionMethod, layer: LayerInput, output: LayerOut
             f"{method.name} kept {slots} slots in layer {layer.layer_idx}, but budget {method.budget} of "
             f"{layer.length} tokens means exactly {layer.slots}"
         )
+
+
+def kept_layers(cache: CompressedCache) -> list[KeptLayer]:
+    """The layers of `cache` that no method compresses, as they are now."""
+    return [
+        KeptLayer(index, layer_kind(layer), layer_slots(layer), layer_nbytes(layer))
+        for index, layer in enumerate(cache.layers)
+        if not is_compressed(layer)
+    ]
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:
@@ -470,17 +488,25 @@ def attach(model: torch.nn.Module, hold: CompressionMethod | None = None) -> Ses
 
 @dataclass
 class Prefill:
-    """A prompt prefilled once with the full cache, ready to be compressed by any method."""
+    """A prompt prefilled once with the full cache, ready to be compressed by any method.
+
+    `queries` and `scores` are indexed by layer, None for a layer that is not compressed (a
+    sliding-window layer); `compressed_layers` lists the others.
+    """
 
     cache: CompressedCache  # uncompressed
-    queries: list[torch.Tensor]  # per layer, [B, Hq, T, d]
-    scores: list[LayerScores]  # per layer, statistics shared by every method compressing this prefill
+    queries: list[torch.Tensor | None]  # per layer, [B, Hq, T, d]
+    scores: list[LayerScores | None]  # per layer, statistics shared by every method compressing this prefill
     last_logits: torch.Tensor  # [B, vocab], float32: the next-token distribution after the prompt
     seconds: float
 
     @property
     def length(self) -> int:
         return self.cache.get_seq_length()
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        return [index for index, layer in enumerate(self.cache.layers) if is_compressed(layer)]
 
 
 @torch.no_grad()
@@ -504,11 +530,13 @@ def record_prefill(
         output = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     _synchronize(input_ids.device)
     seconds = time.perf_counter() - start
-    attention = [session.attention[i] for i in range(len(cache.layers))]
-    queries = [layer.query for layer in attention]
+    attention = [session.attention.get(i) for i in range(len(cache.layers))]
+    queries = [None if layer is None else layer.query for layer in attention]
     context = ScoreContext(rotary_tables(model), Reconstruction(model, cache, input_ids, tokenizer))
     scores = [
-        LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse, layer_idx=index, context=context)
+        None
+        if layer is None
+        else LayerScores(layer.query, layer.key, layer.scaling, chunk_size, layer.lse, layer_idx=index, context=context)
         for index, layer in enumerate(attention)
     ]
     return Prefill(cache, queries, scores, output.logits[:, -1].float(), seconds)
@@ -519,20 +547,26 @@ def compress_prefill(
 ) -> tuple[CompressedCache, CompressionReport]:
     """A new cache holding `prefill`'s prompt compressed by `method` (the prefill itself is untouched).
 
+    Layers that are not compressed (sliding-window layers) are carried over as they are.
     `hold_budget=True` also records what `attach(model, hold=method)` needs to keep the budget
     during generation.
     """
     report = CompressionReport(method=method.describe())
-    compressed, metas = [], []
+    layers: list = []
+    metas: dict[int, SlotMeta] = {}
     num_layers = len(prefill.cache.layers)
     for index, layer in enumerate(prefill.cache.layers):
+        if not is_compressed(layer):
+            layers.append(layer)
+            continue
         scores = prefill.scores[index]
         output, layer_report = compress_layer(method, layer.keys, layer.values, scores, index, num_layers)
-        compressed.append((output.keys, output.values, output.bias))
+        layers.append((output.keys, output.values, output.bias))
         report.layers.append(layer_report)
         if hold_budget:
-            metas.append(SlotMeta.after_compression(output, method.attention_received(scores), prefill.length))
-    cache = CompressedCache.from_tensors(compressed, seen_tokens=prefill.length)
-    for layer, meta in zip(cache.layers, metas):
-        layer.hold = meta
+            metas[index] = SlotMeta.after_compression(output, method.attention_received(scores), prefill.length)
+    cache = CompressedCache.from_tensors(layers, seen_tokens=prefill.length)
+    report.kept_layers = kept_layers(cache)
+    for index, meta in metas.items():
+        cache.layers[index].hold = meta
     return cache, report

@@ -58,6 +58,7 @@ class CellProgress:
             dynamic_ncols=True,
             file=sys.stderr,
         )
+        self._show(True)  # the first line already says when an estimate will come
 
     def set_description(self, text: str) -> None:
         self.bar.set_description_str(text, refresh=False)

@@ -5,7 +5,9 @@
   contains_answer for the pass key, keyword_recall for the needle, and top1_agreement, the share of
   tokens whose top prediction matches the full cache's, for language modelling), for language
   modelling the perplexity (exp of the mean NLL over all scored tokens), the mean KL to the full
-  cache and the top-1 agreement, the mean memory ratio, and timings in milliseconds per cell.
+  cache and the top-1 agreement, the mean memory ratio (over the compressed layers, and in
+  `cache_memory_ratio` over the whole cache, layers kept as they are included, e.g. sliding-window
+  layers), and timings in milliseconds per cell.
   `compressing_ms` is the method's own step and `decoding_ms` its answer or continuation.
   `shared_scoring_ms` is reported once per sample, in its own column, charged to no method: the
   attention statistics (H2O's aggregated attention, SnapKV's and TOVA's windows) are computed once
@@ -49,6 +51,7 @@ SUMMARY_COLUMNS = [
     "kl",
     "top1_agreement",
     "memory_ratio",
+    "cache_memory_ratio",
     "shared_scoring_ms",
     "compressing_ms",
     "decoding_ms",
@@ -71,7 +74,8 @@ class Row:
     perplexity: float | None
     kl: float | None
     top1_agreement: float | None
-    memory_ratio: float
+    memory_ratio: float  # the compressed layers' bytes after over before
+    cache_memory_ratio: float  # the same over the whole cache, layers kept as they are included
     shared_scoring_ms: float
     compressing_ms: float
     decoding_ms: float
@@ -163,6 +167,9 @@ def _row(key: tuple, cells: list[dict[str, Any]], shared: dict[tuple, float]) ->
         kl=kl,
         top1_agreement=top1,
         memory_ratio=statistics.fmean(cell["cache"]["memory_ratio"] for cell in cells),
+        cache_memory_ratio=statistics.fmean(
+            cell["cache"].get("cache_memory_ratio", cell["cache"]["memory_ratio"]) for cell in cells
+        ),
         shared_scoring_ms=1e3 * statistics.fmean(shared[sample_key(cell)] for cell in cells),
         compressing_ms=1e3 * statistics.fmean(cell["seconds"]["compressing"] for cell in cells),
         decoding_ms=1e3 * statistics.fmean(cell["seconds"]["decoding"] for cell in cells),
@@ -229,21 +236,30 @@ def variants(rows: list[Row]) -> list[tuple[str, str, float]]:
     return sorted(seen, key=lambda v: (method_order(v[0], v[1]), -v[2]))
 
 
+def has_kept_layers(rows: list[Row]) -> bool:
+    """Whether some layers were not compressed (sliding-window layers), so the whole cache shrank less."""
+    return any(abs(row.cache_memory_ratio - row.memory_ratio) > 1e-9 for row in rows)
+
+
 def results_table(rows: list[Row]) -> str:
-    """A Markdown table: one line per method and budget, one column per task (or LM metric)."""
+    """A Markdown table: one line per method and budget, one column per task (or LM metric); memory
+    over the compressed layers, and over the whole cache too when some layers were kept as they are."""
     cols = columns(rows)
     index = {(row.task, row.protocol, row.method, row.budget): row for row in rows}
-    header = ["method", "budget", *(column.title for column in cols), "memory"]
+    whole = has_kept_layers(rows)
+    header = ["method", "budget", *(column.title for column in cols), "memory"] + (["whole cache"] if whole else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, _, budget in variants(rows):
-        cells, memory = [], []
+        cells, memory, cache = [], [], []
         for column in cols:
             row = index.get((column.task, column.protocol, label, budget))
             cells.append("" if row is None else column.format(column.value(row)))
             if row is not None:
                 memory.append(row.memory_ratio)
-        memory_text = f"{statistics.fmean(memory):.0%}" if memory else ""
-        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, memory_text]) + " |")
+                cache.append(row.cache_memory_ratio)
+        ratios = [memory, cache] if whole else [memory]
+        texts = [f"{statistics.fmean(values):.0%}" if values else "" for values in ratios]
+        lines.append("| " + " | ".join([label, f"{budget:g}", *cells, *texts]) + " |")
     return "\n".join(lines)
 
 
@@ -411,7 +427,15 @@ def score_explanation(rows: list[Row]) -> str:
             "Language modelling: KL is the mean KL divergence from the full cache's next-token distribution per "
             "token (nats, lower is better); ppl is the perplexity of the continuation."
         )
-    parts.append("Memory is the compressed prompt cache over the full one.")
+    parts.append(
+        "Memory is the compressed prompt cache over the full one"
+        + (
+            " in the compressed (full-attention) layers; whole cache also counts the sliding-window layers, which "
+            "keep transformers' own cache of at most the window and are never compressed."
+            if has_kept_layers(rows)
+            else "."
+        )
+    )
     if any(row.protocol == "query-aware" for row in rows):
         needle = any(metric == "keyword_recall" for metric in metrics.values())
         parts.append(

@@ -33,6 +33,16 @@ def previous_sentence_end(text: str, index: int) -> int:
     return 0 if best < 0 else best + 2
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default (Gemma's `<bos>`; none for SmolLM2)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a").input_ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def cut_to_tokens(tokenizer, text: str, tokens: int) -> str:
     """The first `tokens` tokens of `text`, decoded (encoding only as much of the text as needed)."""
     chars = tokens * 6

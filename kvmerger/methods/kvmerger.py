@@ -52,8 +52,11 @@ Choices where the paper is silent or uncertain (each one a parameter):
   ``expected`` (Expected Attention's Gaussian model of future queries). Only the ranking changes;
   the merge is the same.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
-* Numerics: everything in float32 on keys and values rescaled by their row's largest magnitude, so
-  zero-norm keys, identical keys, a sigma that would be 0, bf16 and huge inputs give finite results.
+* Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
+  [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
+  is kept bit for bit); zero-norm keys, identical keys and a sigma that would be 0 give finite
+  results, and keys beyond float32's squares (~1e18) are measured in units of their row's largest
+  magnitude. The width's floor is 1e-6 of the row's largest |key|.
 """
 
 from __future__ import annotations
@@ -72,7 +75,6 @@ from kvmerger.methods.base import (
     check_score_source,
     check_statistic,
     finite_as,
-    row_scale,
     top_indices,
 )
 
@@ -370,10 +372,24 @@ def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> tor
 
 
 def adjacent_similarity(keys: torch.Tensor) -> torch.Tensor:
-    """[N, T-1] float32: cosine similarity of each key with the next (0 where a key has norm 0)."""
-    scaled = keys.float() / keys.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-    unit = scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (unit[:, 1:] * unit[:, :-1]).sum(dim=-1).clamp(-1.0, 1.0)
+    """[N, T-1] float32: cosine similarity of each key with the next (0 where a key has norm 0).
+
+    Computed from the norms and the dot products of neighbours, without unit vectors. Rows whose
+    norms leave float32's range (magnitudes beyond ~1e18) are rescaled by their largest |key| first.
+    """
+    keys = keys.float()
+    norms = torch.linalg.vector_norm(keys, dim=-1)  # [N, T]
+    if not bool(norms.isfinite().all()) or bool((norms[norms > 0] < 1e-18).any()):
+        keys = keys / _largest_magnitude(keys).clamp_min(1e-30).view(-1, 1, 1)
+        norms = torch.linalg.vector_norm(keys, dim=-1)
+    dots = (keys[:, 1:] * keys[:, :-1]).sum(dim=-1)
+    return (dots / (norms[:, 1:] * norms[:, :-1]).clamp_min(1e-30)).clamp(-1.0, 1.0)
+
+
+def _largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """[N]: the largest |x| of each row of x [N, ...], from one min-max pass."""
+    low, high = x.flatten(1).aminmax(dim=1)
+    return torch.maximum(high, -low)
 
 
 def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
@@ -425,36 +441,32 @@ def gaussian_merge(
     members = torch.zeros(rows, num_segments, dtype=torch.long, device=device)
     members = members.scatter_add(1, segment, torch.ones_like(segment))
 
-    key_scale = row_scale(keys)
-    scaled_keys = keys.float() / key_scale
-    pivot_keys = scaled_keys.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
-    distance = (scaled_keys - pivot_keys).norm(dim=-1)  # [N, T], in units of the row scale
+    # Everything in float32 on the keys and values as they are: kernel weights are in [0, 1] and sum
+    # to 1 per set, so merged keys and values stay within their members' range, and a singleton's
+    # weight is exactly 1, which keeps it bit for bit.
+    keys32, values32 = keys.float(), values.float()
+    pivot_keys = keys32.gather(1, pivot.gather(1, segment).unsqueeze(-1).expand(-1, -1, dim))
+    distance = torch.linalg.vector_norm(keys32 - pivot_keys, dim=-1)  # [N, T]
+    if not bool(distance.isfinite().all()):  # magnitudes beyond float32's squares: measure in row units
+        scale = _largest_magnitude(keys32).clamp_min(1e-30).view(-1, 1, 1)
+        distance = torch.linalg.vector_norm((keys32 - pivot_keys) / scale, dim=-1) * scale.view(-1, 1)
     if sigma is None:
         mean_distance = _segment_sum(distance, segment, num_segments) / members.clamp_min(1)
-        width = (mean_distance / math.sqrt(2.0)).clamp_min(SIGMA_FLOOR)
+        floor = SIGMA_FLOOR * _largest_magnitude(keys32).view(-1, 1)
+        width = torch.maximum(mean_distance / math.sqrt(2.0), floor).clamp_min(1e-30)
         z = distance / width.gather(1, segment)
     else:
-        z = distance * key_scale.view(rows, 1) / sigma  # in this order: 0 * (huge / tiny) would be nan
+        z = distance / sigma
     kernel = torch.exp(-0.5 * z.square())
     if multiplicity is not None:
         kernel = kernel * multiplicity.float()
-    weight = kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)
+    weight = (kernel / _segment_sum(kernel, segment, num_segments).gather(1, segment)).unsqueeze(-1)
 
-    merged_keys = _segment_sum(weight.unsqueeze(-1) * scaled_keys, segment, num_segments) * key_scale
-    value_scale = row_scale(values)
-    merged_values = _segment_sum(weight.unsqueeze(-1) * (values.float() / value_scale), segment, num_segments)
-    merged_values = merged_values * value_scale
-    if scale_values:
-        merged_values = merged_values * sizes.unsqueeze(-1)
-    merged_keys = _keep_singletons(finite_as(merged_keys, keys.dtype), keys, pivot, members)
-    merged_values = _keep_singletons(finite_as(merged_values, values.dtype), values, pivot, members)
-    return merged_keys, merged_values, pivot, sizes
-
-
-def _keep_singletons(merged: torch.Tensor, original: torch.Tensor, pivot: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """A row that joins no set is kept bit for bit (the rescaling above may move it by an ulp)."""
-    kept = original.gather(1, pivot.clamp_min(0).unsqueeze(-1).expand(-1, -1, original.shape[-1]))
-    return torch.where((members == 1).unsqueeze(-1), kept, merged)
+    merged_keys = _segment_sum(weight * keys32, segment, num_segments).to(keys.dtype)
+    merged_values = _segment_sum(weight * values32, segment, num_segments)
+    if scale_values:  # the paper's |S| factor can leave the dtype's range: clamp it
+        merged_values = finite_as(merged_values * sizes.unsqueeze(-1), values.dtype)
+    return merged_keys, merged_values.to(values.dtype), pivot, sizes
 
 
 def _segment_sum(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ compressed cache.
 Our choices:
 * Windows. Sample i reads `sources[i % len(sources)]` ("essays": the shipped Paul Graham essays;
   "shakespeare": tinyshakespeare), from a line start at a seeded random offset, and takes
-  `context_tokens + continuation + 1` tokens: the first `context_tokens` are the prefix.
+  `context_tokens + continuation + 1` tokens: the first `context_tokens` are the prefix. The
+  tokens the tokenizer puts before any text (Gemma's `<bos>`; none for the default model) come
+  first and count in the prefix: models trained with them go astray without them.
 * Scoring. The `continuation` tokens after the prefix are fed in one chunk from the compressed
   cache; their `continuation` output distributions predict the tokens one further on. So every
   scored prediction comes from the compressed cache (the first token after the prefix is predicted
@@ -34,7 +36,7 @@ import torch
 
 from kvmerger.evaluation.metrics import kl_divergence, token_nll
 from kvmerger.evaluation.tasks.base import TASKS
-from kvmerger.evaluation.texts import essays, shakespeare
+from kvmerger.evaluation.texts import essays, leading_special_ids, shakespeare
 
 SOURCES = {"essays": essays, "shakespeare": shakespeare}
 CHARS_PER_TOKEN = 8  # generous: the essays take ~4.2 characters per token with the default tokenizer
@@ -101,7 +103,8 @@ class LanguageModeling:
             raise ValueError(f"the {source} text is too short for a window of {total} tokens")
         start = random.Random(f"{self.name}/{seed}/{index}").randrange(0, len(text) - span)
         start = text.find("\n", start) + 1  # begin at a line start (find never fails: span lies ahead)
-        ids = tokenizer(text[start : start + span], add_special_tokens=False).input_ids
+        text_ids = tokenizer(text[start : start + span], add_special_tokens=False).input_ids
+        ids = leading_special_ids(tokenizer) + text_ids
         if len(ids) < total:
             raise ValueError(f"{span} characters of {source} gave only {len(ids)} tokens, fewer than {total}")
         return Window(
