@@ -1,19 +1,19 @@
-"""How close the estimated aggregated attention is to the exact one, and what it costs: the stride choice.
+"""How close the estimated aggregated attention is to the exact one, and what it costs: the choice of m.
 
 The estimate (`kvmerger.engine.scoring.aggregated_attention_estimated`) takes, for every key, the
 attention of the `band` queries just after it exactly (from the prefill's log-normalisers) and the
-rest from every `stride`-th query plus the last ones. This script prefills one text, then for each
-stride reports, over every layer: the share of the slots H2O keeps and of the pivots KVMerger
+rest from m evenly strided queries plus the last ones. This script prefills one text, then for each
+m (`--rows`) reports, over every layer: the share of the slots H2O keeps and of the pivots KVMerger
 chooses from the exact statistic that it also keeps from the estimate (at each budget), and the
 time of the estimate against the exact pass and against the prefill (medians of per-repeat
 ratios, interleaved).
 
 The text is the END of tinyshakespeare (never used by the pass-key, needle and RULER haystacks,
 which read the essays from their start, and far from the seeded language-modelling windows), so the
-stride is not chosen on the samples `kvmerger compare` reports.
+m is not chosen on the samples `kvmerger compare` reports.
 
     python benchmarks/estimate_agreement.py                       # fp32, 2048 and 8192 tokens
-    python benchmarks/estimate_agreement.py --lengths 2048 --strides 8 16 --dtype bfloat16
+    python benchmarks/estimate_agreement.py --lengths 2048 --rows 128 256 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from kvmerger import get_method, load_model, record_prefill
-from kvmerger.engine.scoring import ESTIMATE_BAND, ESTIMATE_LAST, LayerScores, aggregated_attention_estimated
+from kvmerger.engine.scoring import (
+    ESTIMATE_BAND, ESTIMATE_LAST, LayerScores, aggregated_attention_estimated, estimate_stride,
+)
 from kvmerger.evaluation.texts import shakespeare
 from kvmerger.methods.base import LayerInput
 
@@ -77,20 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 8192])
-    parser.add_argument("--strides", nargs="+", type=int, default=[4, 8, 16, 32, 64])
+    parser.add_argument("--rows", nargs="+", type=int, default=[64, 128, 256, 512], help="far query rows sampled (m)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (agreement is deterministic)")
     parser.add_argument("--out", type=Path, default=RESULTS / "estimate_agreement.json")
     args = parser.parse_args(argv)
     methods = [get_method(name, budget=b) for name in ("h2o", "kvmerger") for b in args.budgets]
     info = machine()
-    print(f"# {describe_machine(info)}; {args.dtype}; strides {args.strides}; band {ESTIMATE_BAND}, last {ESTIMATE_LAST}")
+    print(f"# {describe_machine(info)}; {args.dtype}; m {args.rows}; band {ESTIMATE_BAND}, last {ESTIMATE_LAST}")
     print(f"# expected runtime on the idle 2-core VM: about {minutes(sum(60 * (n / 2048) ** 1.7 for n in args.lengths) * args.repeats)}")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     results = []
     for length in args.lengths:
         ids = tail_ids(tokenizer, length)
-        prefill_times, exact_times, estimate_times = [], [], {s: [] for s in args.strides}
+        prefill_times, exact_times, estimate_times = [], [], {m: [] for m in args.rows}
         for repeat in range(args.repeats):
             prefill = record_prefill(model, ids)
             prefill_times.append(prefill.seconds)
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                 exacts.append(exact)
                 seconds += elapsed
             exact_times.append(seconds)
-            for stride in args.strides:
+            for rows in args.rows:
+                stride = estimate_stride(length, rows)
                 estimates, seconds = [], 0.0
                 for scores in prefill.scores:
                     estimate, elapsed = timed(
@@ -111,20 +114,20 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     estimates.append(estimate)
                     seconds += elapsed
-                estimate_times[stride].append(seconds)
+                estimate_times[rows].append(seconds)
                 if repeat == 0:
                     worst = max(float(((e - x).abs() / x.clamp_min(1e-30)).max()) for e, x in zip(estimates, exacts))
                     shares = same_share(prefill, methods, estimates, exacts)
-                    results.append({"length": length, "stride": stride, "max_relative_error": worst, "same": shares})
+                    results.append({"length": length, "rows": rows, "stride": stride, "max_relative_error": worst, "same": shares})
         for row in results:
             if row["length"] == length:
-                row["estimate_over_exact"] = median_ratio(estimate_times[row["stride"]], exact_times)
-                row["estimate_over_prefill"] = median_ratio(estimate_times[row["stride"]], prefill_times)
+                row["estimate_over_exact"] = median_ratio(estimate_times[row["rows"]], exact_times)
+                row["estimate_over_prefill"] = median_ratio(estimate_times[row["rows"]], prefill_times)
                 row["exact_over_prefill"] = median_ratio(exact_times, prefill_times)
                 row["prefill_seconds"] = median(prefill_times)
                 same = "  ".join(f"{label} {share:.4f}" for label, share in row["same"].items())
                 print(
-                    f"{length:>6} stride {row['stride']:>3}: same slots {same}; max rel. error {row['max_relative_error']:.3f}; "
+                    f"{length:>6} m {row['rows']:>4} (stride {row['stride']:>3}): same slots {same}; max rel. error {row['max_relative_error']:.3f}; "
                     f"estimate / exact {row['estimate_over_exact']:.3f}, / prefill {row['estimate_over_prefill']:.4f} "
                     f"(exact / prefill {row['exact_over_prefill']:.3f}, prefill {row['prefill_seconds']:.2f} s)",
                     flush=True,

@@ -18,8 +18,14 @@ method / prefill, and the growth exponent of each part (slope of a log-log least
 time against length: 1 is linear, 2 quadratic). Scoring is attention, so it grows like the
 prefill's attention; the method itself must stay near-linear.
 
+Score sources (`--sources`): the time of each statistic the methods rank tokens by, summed over
+the layers, as a share of the plain prefill: the aggregated attention exact and estimated, SnapKV's
+pooled window, Expected Attention's Gaussian score and KVzip's reconstruction (its repeat pass over
+the context, then the largest attention per key).
+
     python benchmarks/overhead.py                                  # 2k/4k/8k, fp32 and bf16, every method
-    python benchmarks/overhead.py --lengths 2048 4096 --methods kvmerger h2o --dtypes float32
+    python benchmarks/overhead.py --lengths 2048 4096 --methods kvmerger h2o:statistic=estimated --dtypes float32
+    python benchmarks/overhead.py --sources-only --lengths 2048 8192 --dtypes float32
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from kvmerger import compress_prefill, get_method, load_model, record_prefill
+from kvmerger import compress_prefill, load_model, record_prefill
+from kvmerger.evaluation.runner import MethodSpec, method_label
 from kvmerger.methods import METHODS
 
 from measure import (  # noqa: E402  (a helper beside this script)
@@ -68,17 +75,76 @@ def fresh_statistics(prefill):
 
 
 def build_methods(names: list[str], budgets: list[float]) -> tuple[list, dict[str, str]]:
-    """Methods to time, and the reason for each one that cannot be built."""
+    """Methods to time (registered names or `name:param=value,...` specs), and why any could not be built."""
     methods, skipped = [], {}
     for name in names:
         if name == "full":
             continue
-        for budget in budgets:
-            try:
-                methods.append(get_method(name, budget=budget))
-            except (ValueError, TypeError) as error:
-                skipped[f"{name}@{budget:g}"] = str(error)
+        try:
+            methods.extend(MethodSpec.parse(name).variants(budgets))
+        except (ValueError, TypeError) as error:
+            skipped[name] = str(error)
     return methods, skipped
+
+
+SOURCES = {  # label -> how to compute it from one layer's LayerScores
+    "aggregated (exact)": lambda scores: scores.source("aggregated", "exact"),
+    "aggregated (estimated)": lambda scores: scores.source("aggregated", "estimated"),
+    "window": lambda scores: scores.source("window"),
+    "expected": lambda scores: scores.source("expected"),
+    "reconstruction": lambda scores: scores.source("reconstruction"),
+}
+
+
+def measure_sources(model, tokenizer, ids: torch.Tensor, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per score source: lists (one per repeat) of the plain prefill's and the source's seconds, all layers.
+
+    Each source is computed on fresh statistics of one recorded prefill; the reconstruction's time is
+    its repeat pass (a forward of the repeat prompt and the context on top of the cache) plus the
+    per-layer scores it leaves.
+    """
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for _ in range(repeats):
+        prefill_seconds = time_plain_prefill(model, ids)
+        prefill = record_prefill(model, ids, tokenizer=tokenizer)
+        for label, compute in SOURCES.items():
+            layers = [s.fresh() for s in prefill.scores if s is not None]
+            start = time.perf_counter()
+            for scores in layers:
+                compute(scores)
+            _synchronize(ids.device)
+            samples[label]["prefill"].append(prefill_seconds)
+            samples[label]["source"].append(time.perf_counter() - start)
+        del prefill
+    return samples
+
+
+def summarise_source(dtype: str, length: int, label: str, runs: dict[str, list[float]]) -> dict:
+    return {
+        "dtype": dtype,
+        "length": length,
+        "source": label,
+        "repeats": len(runs["prefill"]),
+        "prefill_s": median(runs["prefill"]),
+        "source_s": median(runs["source"]),
+        "source_ratio": median_ratio(runs["source"], runs["prefill"]),
+    }
+
+
+def source_growth(rows: list[dict]) -> list[dict]:
+    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        grouped[(row["dtype"], row["source"])].append(row)
+    return [
+        {"dtype": dtype, "source": source, "lengths": [r["length"] for r in group],
+         "source_exponent": growth_exponent([r["length"] for r in group], [r["source_s"] for r in group])}
+        for (dtype, source), group in grouped.items() if len({r["length"] for r in group}) >= 2
+    ]  # fmt: skip
+
+
+def label(method) -> str:
+    """The method's name, its non-default parameters and its budget: `h2o[statistic=estimated]@0.5`."""
+    return f"{method_label(method)}@{method.budget:g}"
 
 
 def measure_length(model, ids: torch.Tensor, methods: list, repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -89,7 +155,7 @@ def measure_length(model, ids: torch.Tensor, methods: list, repeats: int) -> dic
         prefill = record_prefill(model, ids)
         for method in methods:
             _, report = compress_prefill(fresh_statistics(prefill), method)
-            row = samples[method.label()]
+            row = samples[label(method)]
             row["prefill"].append(prefill_seconds)
             row["recorded_prefill"].append(prefill.seconds)
             row["scoring"].append(report.seconds_scoring)
@@ -135,7 +201,7 @@ def growth(rows: list[dict]) -> list[dict]:
 
 def format_row(row: dict) -> str:
     return (
-        f"{row['dtype']:<9} {row['length']:>6} {row['method']:<22} prefill {row['prefill_s']:7.2f}s"
+        f"{row['dtype']:<9} {row['length']:>6} {row['method']:<34} prefill {row['prefill_s']:7.2f}s"
         f"  scoring {row['scoring_s'] * 1e3:8.0f}ms  method {row['method_s'] * 1e3:7.1f}ms"
         f"  (scoring+method)/prefill {row['overhead_ratio']:6.3f}  method/prefill {row['method_ratio']:.4f}"
     )
@@ -146,7 +212,7 @@ def format_fit(fit: dict) -> str:
         return "  n/a" if value is None else f"{value:5.2f}"
 
     return (
-        f"{fit['dtype']:<9} {fit['method']:<22} time ~ length^k: prefill {show(fit['prefill_exponent'])}"
+        f"{fit['dtype']:<9} {fit['method']:<34} time ~ length^k: prefill {show(fit['prefill_exponent'])}"
         f"  scoring {show(fit['scoring_exponent'])}  method {show(fit['method_exponent'])}"
         f"  overhead ratio {show(fit['overhead_ratio_exponent'])}"
     )
@@ -168,14 +234,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="model folder, id or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
-    parser.add_argument("--methods", nargs="+", default=None, help="registered names (default: all but full)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="registered names or NAME:PARAM=VALUE specs (default: all but full)"
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sources", action="store_true", help="also time every score source")
+    parser.add_argument("--sources-only", action="store_true", help="time the score sources, no method")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    names = args.methods or sorted(set(METHODS) - {"full"})
+    names = [] if args.sources_only else args.methods or sorted(set(METHODS) - {"full"})
     methods, skipped = build_methods(names, args.budgets)
     info = machine()
     print(f"# {describe_machine(info)}; medians of {args.repeats}")
@@ -183,22 +253,37 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)}")
     for label, reason in skipped.items():
         print(f"# skipped {label}: {reason}")
-    rows = []
+    rows, source_rows = [], []
     for dtype in args.dtypes:
         model, tokenizer = load_model(args.model, dtype=dtype)
         for length in args.lengths:
             ids = essay_ids(tokenizer, length)
             time_plain_prefill(model, ids[:, :256])  # warm-up
-            samples = measure_length(model, ids, methods, args.repeats)
+            samples = measure_length(model, ids, methods, args.repeats) if methods else {}
             for method in methods:
-                rows.append(summarise(dtype, length, method.label(), samples[method.label()]))
+                rows.append(summarise(dtype, length, label(method), samples[label(method)]))
                 print(format_row(rows[-1]), flush=True)
+            if args.sources or args.sources_only:
+                for label, runs in measure_sources(model, tokenizer, ids, args.repeats).items():
+                    source_rows.append(summarise_source(dtype, length, label, runs))
+                    row = source_rows[-1]
+                    print(
+                        f"{dtype:<9} {length:>6} source {label:<24} {row['source_s']:8.2f}s  "
+                        f"/ prefill {row['source_ratio']:.3f}",
+                        flush=True,
+                    )
         del model
     fits = growth(rows)
     for fit in fits:
         print(format_fit(fit))
+    source_fits = source_growth(source_rows)
+    for fit in source_fits:
+        print(f"{fit['dtype']:<9} source {fit['source']:<24} time ~ length^{fit['source_exponent']:.2f}")
     command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(args.out, {"command": command.strip(), "machine": info, "skipped": skipped, "rows": rows, "growth": fits})
+    write_results(args.out, {
+        "command": command.strip(), "machine": info, "skipped": skipped, "rows": rows, "growth": fits,
+        "sources": source_rows, "source_growth": source_fits,
+    })  # fmt: skip
 
 
 def _synchronize(device: torch.device) -> None:

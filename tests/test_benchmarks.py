@@ -87,9 +87,20 @@ def test_overhead_growth_fits_each_part_per_dtype_and_method():
 
 
 def test_overhead_skips_methods_it_cannot_build_and_never_times_full():
-    methods, skipped = overhead.build_methods(["full", "kvmerger", "no-such-method"], [0.5])
-    assert [m.label() for m in methods] == ["kvmerger@0.5"]
-    assert list(skipped) == ["no-such-method@0.5"] and "unknown method" in skipped["no-such-method@0.5"]
+    methods, skipped = overhead.build_methods(["full", "kvmerger", "h2o:statistic=estimated", "no-such-method"], [0.5])
+    assert [overhead.label(m) for m in methods] == ["kvmerger@0.5", "h2o[statistic=estimated]@0.5"]
+    assert list(skipped) == ["no-such-method"] and "unknown method" in skipped["no-such-method"]
+
+
+def test_overhead_times_every_score_source_on_a_tiny_model(tiny_llama, random_ids):
+    from tests.conftest import CharTokenizer
+
+    samples = overhead.measure_sources(tiny_llama, CharTokenizer(), random_ids, repeats=1)
+    assert set(samples) == set(overhead.SOURCES)
+    assert all(runs["source"][0] > 0 and runs["prefill"][0] > 0 for runs in samples.values())
+    rows = [overhead.summarise_source("float32", n, "window", {"prefill": [1e-4 * n], "source": [1e-6 * n]}) for n in (512, 1024)]
+    (fit,) = overhead.source_growth(rows)
+    assert fit["source_exponent"] == pytest.approx(1.0) and rows[0]["source_ratio"] == pytest.approx(0.01)
 
 
 def test_fresh_statistics_make_every_method_pay_its_own_scoring(tiny_llama, random_ids):

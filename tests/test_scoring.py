@@ -247,13 +247,22 @@ def test_the_estimate_is_exact_at_stride_one_and_close_on_local_attention():
     assert len(top_exact & top_estimate) >= 54
 
 
+def test_the_estimate_samples_a_fixed_number_of_rows_so_its_cost_is_linear():
+    from kvmerger.engine.scoring import estimate_stride
+
+    assert [estimate_stride(length, 256, 64) for length in (64, 300, 2048, 8192, 16384)] == [1, 1, 8, 32, 64]
+    assert estimate_stride(2048 + 64, 1, 64) == 2048
+    with pytest.raises(ValueError, match="rows must be at least 1"):
+        estimate_stride(100, 0)
+
+
 def test_layer_scores_take_the_estimate_only_with_log_normalisers():
     query, key, lse = _states(50)
     with_lse = LayerScores(query, key, 0.3, lse=lse)
     without = LayerScores(query, key, 0.3)
     exact = without.aggregated_attention("exact")
     torch.testing.assert_close(without.aggregated_attention("estimated"), exact)  # the exact fallback
-    assert not torch.equal(with_lse.aggregated_attention("estimated", stride=4), exact)
+    assert not torch.equal(with_lse.aggregated_attention("estimated", rows=4), exact)
     with pytest.raises(ValueError, match="statistic must be one of"):
         with_lse.aggregated_attention("sampled")
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 SCORE_SOURCES = ("aggregated", "window", "reconstruction", "expected")
 STATISTICS = ("exact", "estimated")  # how the aggregated attention is computed
-ESTIMATE_STRIDE = 16  # every 16th query row for the far part of the estimate (benchmarks/statistic_agreement.py)
+ESTIMATE_ROWS = 256  # query rows sampled evenly for the far part of the estimate (benchmarks/estimate_agreement.py)
 ESTIMATE_BAND = 64  # the nearest 64 queries of each key, exactly
 ESTIMATE_LAST = 64  # and the last 64 queries of the prompt, exactly
 POOLINGS = ("avg", "max")
@@ -192,11 +192,21 @@ def far_attention_sample(
     return total / group
 
 
+def estimate_stride(length: int, rows: int, last: int = ESTIMATE_LAST) -> int:
+    """The stride that samples about `rows` queries from the `length - last` before the last ones."""
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    return max(1, math.ceil(max(0, length - last) / rows))
+
+
 def aggregated_attention_estimated(
     query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, *, stride: int,
     band: int = 64, last: int = 64, chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """An estimate of H2O's score in O((band + T / stride) T) work instead of O(T^2): [B, Hkv, T].
+
+    With `stride = estimate_stride(T, m)` (what `LayerScores` uses) the far part samples a fixed
+    number m of rows, and the whole estimate costs O((band + m + last) T): linear in T.
 
     Most of a key's attention comes from the queries just after it (local attention), and that part
     is computed exactly for every query with the prefill's log-normalisers (`near_attention`); what
@@ -459,20 +469,22 @@ class LayerScores:
             self.seconds += time.perf_counter() - start
         return self._memo[name]
 
-    def aggregated_attention(self, statistic: str = "exact", stride: int = ESTIMATE_STRIDE) -> torch.Tensor:
+    def aggregated_attention(self, statistic: str = "exact", rows: int = ESTIMATE_ROWS) -> torch.Tensor:
         """[B, Hkv, T]: attention each key received, summed over all prompt queries.
 
         `statistic="exact"`: every query (the fused or the chunked pass); `"estimated"`:
-        `aggregated_attention_estimated` with `stride`, which needs the prefill's log-normalisers and
-        falls back to the exact pass where the engine could not keep them (not on CPU, masked prefills).
+        `aggregated_attention_estimated` sampling about `rows` far query rows, which needs the prefill's
+        log-normalisers and falls back to the exact pass where the engine could not keep them (masked
+        or sliding-window prefills, devices other than the CPU, see `kernels.available`).
         """
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         if statistic == "estimated" and self.lse is not None:
             return self._memoised(
-                ("aggregated", "estimated", stride),
+                ("aggregated", "estimated", rows),
                 lambda: aggregated_attention_estimated(
-                    self.query, self.key, self.scaling, self.lse, stride=stride, band=ESTIMATE_BAND,
+                    self.query, self.key, self.scaling, self.lse, stride=estimate_stride(self.key.shape[-2], rows),
+                    band=ESTIMATE_BAND,
                     last=ESTIMATE_LAST, chunk=self.chunk,
                 ),
             )
