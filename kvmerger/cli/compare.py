@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmerger.cli.eval import add_method_options, add_output_options, execute, method_specs
+from kvmerger.cli.eval import add_executor_options, add_method_options, add_output_options, execute, method_specs
 from kvmerger.cli.options import add_model_options, subcommand
 
 
@@ -25,6 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_method_options(parser)
     parser.add_argument("--quick", action="store_true", help="toy sizes, to check the pipeline end to end")
     add_output_options(parser)
+    add_executor_options(parser)
     return parser
 
 

@@ -9,17 +9,24 @@ Methods and tasks take parameters after a colon: `kvmerger:mode=paper,sigma=5`,
 `passkey:chat=True`, `lm:continuation=128`, `longbench:dataset=qasper`. Without --methods it runs
 the full cache, KVMerger and the baselines (`--methods all`: every registered method). Tasks:
 passkey, needle, lm (language modelling; lm-stress: the same on repetitive texts), ruler-niah,
-ruler-vt, ruler-cwe, ruler-fwe, longbench (with --data-dir: kvmerger downloads nothing; get
-LongBench's data.zip from the Hugging Face dataset THUDM/LongBench and pass its data/ folder).
+ruler-vt, ruler-cwe, ruler-fwe, ruler-qa-squad, ruler-qa-hotpot, longbench (with --data-dir:
+kvmerger downloads nothing; get LongBench's data.zip from the Hugging Face dataset THUDM/LongBench
+and pass its data/ folder).
 Query-aware answers take their first token from the full-cache prefill (see
 kvmerger/evaluation/generation.py). Everything that can be checked without the model (tasks and
 their parameters, methods, data, the results folder) is checked before it loads.
+
+`--executor ray` runs each sample (one prefill, then every method and budget) as a Ray task, on a
+local Ray instance or on the cluster at `--address`, the model loaded once per worker; the records
+come back to this process's results folder (see docs/RAY.md; needs `pip install 'kvmerger[ray]'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvmerger.cli.options import (
@@ -58,6 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", type=Path, help="folder of LongBench {dataset}.jsonl files, for tasks that read data")
     add_output_options(parser)
+    add_executor_options(parser)
     return parser
 
 
@@ -80,6 +88,46 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
         "--name", type=plain_name, help="results folder name under results/<command>/ instead of a timestamp"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("running on Ray (docs/RAY.md)")
+    group.add_argument(
+        "--executor",
+        choices=["serial", "ray"],
+        default="serial",
+        help="serial: every cell in this process; ray: one Ray task per sample, on a local Ray instance or the "
+        "cluster at --address (needs pip install 'kvmerger[ray]')",
+    )
+    group.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="the Ray cluster to join (its head's address, or `auto`) (default: start a local Ray instance)",
+    )
+    group.add_argument(
+        "--workers",
+        type=positive_int,
+        help="Ray workers, each loading the model once (default: as many as the cluster's CPUs allow, or its GPUs "
+        "with --device cuda; at most one per sample)",
+    )
+    group.add_argument(
+        "--worker-cpus",
+        type=positive_int,
+        help="CPUs of each Ray worker, also its torch threads (default: 1)",
+    )
+
+
+def check_executor_options(args: argparse.Namespace) -> None:
+    """Ray's options only with --executor ray, and Ray installed when it is asked for (one-line errors)."""
+    if args.executor == "ray":
+        from kvmerger.evaluation.ray_executor import import_ray
+
+        import_ray()
+        return
+    given = [option for option, value in (("--address", args.address), ("--workers", args.workers),
+                                          ("--worker-cpus", args.worker_cpus)) if value is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to Ray runs; add --executor ray")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,37 +181,40 @@ def execute(args: argparse.Namespace, settings, command: str, title: str, intro:
 
     from kvmerger.evaluation.records import write_atomically
     from kvmerger.evaluation.report import write_outputs
-    from kvmerger.evaluation.runner import Runner
-    from kvmerger.models import DEFAULT_MODEL
 
+    check_executor_options(args)
     folder = output_folder(args, command)
     check_output_folder(folder, "--out" if args.out is not None else "the results folder")
-    check_model_options(args)
+    if args.executor == "serial" or args.address is None:  # on a cluster, the workers check their own
+        check_model_options(args)
     if intro:
         print(intro, file=sys.stderr)
-    model, tokenizer = load(args)
-    model_name = str(args.model) if args.model else DEFAULT_MODEL
-    runner = Runner(model, tokenizer, settings, folder, model_name=model_name, progress=not args.no_progress)
-    variants = settings.variants()
-    print(
-        f"kvmerger {command}: {plural(len(settings.plans), 'task')}, {plural(len(variants), 'method x budget variant')}, "
-        f"{plural(len(settings.protocols), 'protocol')} ({', '.join(settings.protocols)}); results in {folder} "
-        f"(run again with --out {folder} to resume)",
-        file=sys.stderr,
-    )
-    write_atomically(
-        folder / "run.json",
-        json.dumps({"command": command, "settings": settings.describe(), **runner.provenance}, indent=2, default=str),
-    )
-    try:
-        outcome = runner.run()
-    except KeyboardInterrupt:
+    with open_runner(args, settings, folder) as (runner, executor):
+        variants = settings.variants()
         print(
-            f"\nkvmerger {command}: interrupted; every finished cell is saved in {folder / 'records.jsonl'}. "
-            f"Run the same command with --out {folder} to go on from there.",
+            f"kvmerger {command}: {plural(len(settings.plans), 'task')}, {plural(len(variants), 'method x budget variant')}, "
+            f"{plural(len(settings.protocols), 'protocol')} ({', '.join(settings.protocols)}); results in {folder} "
+            f"(run again with --out {folder} to resume)",
             file=sys.stderr,
         )
-        return 130
+        write_atomically(
+            folder / "run.json",
+            json.dumps(
+                {"command": command, "settings": settings.describe(), "executor": executor, **runner.provenance},
+                indent=2,
+                default=str,
+            ),
+        )
+        try:
+            outcome = runner.run()
+        except KeyboardInterrupt:
+            saved = "the cells of every finished sample are" if args.executor == "ray" else "every finished cell is"
+            print(
+                f"\nkvmerger {command}: interrupted; {saved} saved in {folder / 'records.jsonl'}. "
+                f"Run the same command with --out {folder} to go on from there.",
+                file=sys.stderr,
+            )
+            return 130
     if outcome.truncated is not None:
         redone = (
             f"the {plural(outcome.ran, 'cell')} missing from the records ran again"
@@ -181,3 +232,32 @@ def execute(args: argparse.Namespace, settings, command: str, title: str, intro:
     print(outputs.table)
     print(f"\nreport: {outputs.report}\nsummary: {outputs.summary}\nfigures: {len(outputs.figures)} in {folder / 'figures'}")
     return 0
+
+
+@contextlib.contextmanager
+def open_runner(args: argparse.Namespace, settings, folder: Path) -> Iterator[tuple]:
+    """The runner of --executor, and how run.json describes it. The serial runner loads the model here;
+    a Ray runner starts Ray and its workers, which load the model, and stops them on the way out."""
+    from kvmerger.models import DEFAULT_MODEL
+
+    model_name = str(args.model) if args.model else DEFAULT_MODEL
+    if args.executor == "serial":
+        from kvmerger.evaluation.runner import Runner
+
+        model, tokenizer = load(args)
+        runner = Runner(model, tokenizer, settings, folder, model_name=model_name, progress=not args.no_progress)
+        yield runner, {"name": "serial"}
+        return
+    from kvmerger.evaluation.ray_executor import RayOptions, RayRunner, model_source
+
+    source = model_source(args.model, args.dtype, args.device, model_name)
+    options = RayOptions(args.address, args.workers, args.worker_cpus or 1)
+    where = f"the Ray cluster at {args.address}" if args.address else "a local Ray instance"
+    print(
+        f"kvmerger: starting Ray workers on {where}, each loading {model_name} ({args.dtype}, {args.device})",
+        file=sys.stderr,
+        flush=True,
+    )
+    command = " ".join(sys.argv)
+    with RayRunner(settings, folder, source, options, command=command, progress=not args.no_progress) as runner:
+        yield runner, runner.describe()

@@ -3,9 +3,10 @@
 * Provenance. Every record carries `provenance`: package versions (kvmerger, torch,
   transformers, python), the git commit of the kvmerger checkout (and whether it had local
   changes) when there is one, the model (name or path, a hash of its configuration, a fingerprint
-  of its weights, dtype, device), the hardware (machine, processor, CPU count, torch threads,
-  accelerator) and the date. The method's and the task's parameters, the seed and the protocol are
-  fields of the record itself.
+  of its weights, dtype, device), the hardware (host name, machine, processor, CPU count, torch
+  threads, accelerator: the worker's, when a Ray worker computed the cell), the command line and
+  the date. The method's and the task's parameters, the seed and the protocol are fields of the
+  record itself.
 * Cell keys. A cell is one (model, task with its parameters, context length, sample, seed,
   protocol, method with its parameters and budget). Its key is readable and ends with a hash of
   all of these, so that changing any of them makes a new cell, and rerunning the same
@@ -90,6 +91,7 @@ def hardware(device: torch.device | str) -> dict[str, Any]:
     if device.type == "cuda" and torch.cuda.is_available():
         accelerator = torch.cuda.get_device_name(device)
     return {
+        "host": platform.node(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "system": platform.system(),
@@ -124,15 +126,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def provenance(model_info: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """What produced a record, apart from its own task, method, seed and protocol fields."""
+def provenance(model_info: dict[str, Any], device: torch.device | str, command: str | None = None) -> dict[str, Any]:
+    """What produced a record, apart from its own task, method, seed and protocol fields. `command`:
+    the command line that asked for it (default: this process's; a Ray worker gets its driver's)."""
     return {
         "versions": versions(),
         "git": git_state(),
         "model": model_info,
         "hardware": hardware(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv) if command is None else command,
     }
 
 

@@ -18,6 +18,10 @@ pass per kind of statistic, and then only compression and decoding per method.
 * Resume: cells whose key is already in `records.jsonl` are skipped, and a sample is prefilled
   only if one of its cells is missing. A results folder holds one model: resuming with another
   model is refused.
+* Executors: `Runner.run` runs the groups one after the other in this process, each record
+  appended as soon as its cell is done. `Runner.compute_group` computes one group and hands each
+  record to a callback, so that another executor (ray_executor.py: one Ray task per group) can
+  collect a group's records and append them where it likes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import datetime
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ from kvmerger.methods import METHODS, CompressionMethod, FullCache, get_method
 
 PROTOCOLS = ("query-aware", "query-agnostic")
 TEACHER_FORCED = "teacher-forced"
+
+Emit = Callable[[dict[str, Any]], None]  # receives each record as soon as its cell is done
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +236,10 @@ class Group:
     protocol: str
     cells: list[Cell]
 
+    @property
+    def title(self) -> str:
+        return f"{self.plan.label} {self.length} #{self.index} {self.protocol}"
+
 
 @dataclass
 class RunOutcome:
@@ -246,6 +256,18 @@ def context_limit(model: torch.nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def check_same_model(folder: Path, model_info: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Refuse to add results of the model `model_info` describes to a folder of another model's."""
+    mine = {k: model_info[k] for k in ("config_hash", "weights_fingerprint")}
+    for record in records:
+        theirs = record.get("provenance", {}).get("model", {})
+        if {k: theirs.get(k) for k in mine} != mine:
+            raise ValueError(
+                f"{folder} holds results of another model ({theirs.get('name')}, weights "
+                f"{theirs.get('weights_fingerprint')}); choose another --out for {model_info['name']}"
+            )
+
+
 class Runner:
     """Runs `settings` on `model` and appends one record per cell to `folder`/records.jsonl."""
 
@@ -258,6 +280,7 @@ class Runner:
         *,
         model_name: str,
         progress: bool = True,
+        command: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -266,7 +289,7 @@ class Runner:
         self.progress = progress
         self.device = next(model.parameters()).device
         self.model_info = model_identity(model, model_name)
-        self.provenance = provenance(self.model_info, self.device)
+        self.provenance = provenance(self.model_info, self.device, command)
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.check_lengths()
 
@@ -286,14 +309,7 @@ class Runner:
                     )
 
     def check_model(self, records: list[dict[str, Any]]) -> None:
-        mine = {k: self.model_info[k] for k in ("config_hash", "weights_fingerprint")}
-        for record in records:
-            theirs = record.get("provenance", {}).get("model", {})
-            if {k: theirs.get(k) for k in mine} != mine:
-                raise ValueError(
-                    f"{self.store.folder} holds results of another model ({theirs.get('name')}, weights "
-                    f"{theirs.get('weights_fingerprint')}); choose another --out for {self.model_info['name']}"
-                )
+        check_same_model(self.store.folder, self.model_info, records)
 
     # -- planning --------------------------------------------------------------------------
     def groups(self, done: set[str]) -> tuple[list[Group], int]:
@@ -333,17 +349,23 @@ class Runner:
         bar = CellProgress(groups, enabled=self.progress)
         try:
             for group in groups:
-                bar.set_description(f"{group.plan.label} {group.length} #{group.index} {group.protocol}")
-                if group.plan.is_language_modeling:
-                    self.run_language_modeling(group, bar)
-                else:
-                    self.run_question_answering(group, bar)
+                bar.set_description(group.title)
+                self.compute_group(group, self.store.append, bar)
                 bar.group_done(group)
         finally:
             bar.close()
         return RunOutcome(self.store.folder, total, total - pending, pending, loaded.truncated, time.perf_counter() - start)
 
-    def run_question_answering(self, group: Group, bar: CellProgress) -> None:
+    def compute_group(self, group: Group, emit: Emit, bar: CellProgress | None = None) -> None:
+        """Run every cell of `group` (one prefill), handing each cell's record to `emit` as soon as the
+        cell is done; `bar`, if given, advances by one per cell."""
+        bar = bar or CellProgress([], enabled=False)
+        if group.plan.is_language_modeling:
+            self.run_language_modeling(group, bar, emit)
+        else:
+            self.run_question_answering(group, bar, emit)
+
+    def run_question_answering(self, group: Group, bar: CellProgress, emit: Emit) -> None:
         """Query-aware: one prefill of context + question per question, every cell compressing it.
         Query-agnostic (compress once, ask many): one prefill of the context, compressed once per
         cell, every question asked from its own copy of that compressed cache."""
@@ -358,7 +380,7 @@ class Runner:
 
         def finish(cell: Cell) -> None:  # each cell is written as soon as its last question is answered
             outcome = outcomes[cell.key]
-            self._append(group, cell, outcome, outcome.result(task.metric), longest)
+            emit(self._record(group, cell, outcome, outcome.result(task.metric), longest))
             bar.update(1)
 
         if group.protocol == "query-aware":
@@ -385,7 +407,7 @@ class Runner:
                 del cache
                 finish(cell)
 
-    def run_language_modeling(self, group: Group, bar: CellProgress) -> None:
+    def run_language_modeling(self, group: Group, bar: CellProgress, emit: Emit) -> None:
         task, window = group.plan.task, group.sample
         prefix = torch.tensor([window.prefix_ids], device=self.device)
         fed, targets = window.fed.to(self.device), window.targets.to(self.device)
@@ -413,7 +435,7 @@ class Runner:
                 "metrics": metrics,
                 "scored_tokens": targets.shape[1],
             }
-            self._append(group, cell, CellOutcome.single(prefill, report, seconds), result, fed.shape[1])
+            emit(self._record(group, cell, CellOutcome.single(prefill, report, seconds), result, fed.shape[1]))
             bar.update(1)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -429,9 +451,9 @@ class Runner:
                 f"model's context of {limit} tokens; ask for shorter lengths"
             )
 
-    def _append(
+    def _record(
         self, group: Group, cell: Cell, outcome: CellOutcome, result: dict[str, Any], question_tokens: int
-    ) -> None:
+    ) -> dict[str, Any]:
         report = outcome.report
         merged = report.merge_set_sizes()
         merged_sets = sum(merged.values())
@@ -472,7 +494,7 @@ class Runner:
             },
             "provenance": {**self.provenance, "date": _now()},
         }
-        self.store.append(record)
+        return record
 
 
 @dataclass
