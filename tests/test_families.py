@@ -24,7 +24,7 @@ from kvmerger import (
 )
 from kvmerger.engine.hf import CompressedLayer
 from kvmerger.methods import METHODS, get_method
-from tests.conftest import FAMILIES, WINDOW, build_tiny
+from tests.conftest import FAMILIES, WINDOW, CharTokenizer, build_tiny
 from tests.test_engine import KeepEven
 
 MIXED = ["gemma3", "qwen2-sliding", "qwen3-sliding"]
@@ -91,7 +91,7 @@ def test_every_method_keeps_exact_slots_on_the_compressed_layers_and_leaves_slid
     slot_bytes = 2 * model.model.layers[0].self_attn.head_dim * 4
     for name in sorted(METHODS):
         method = get_method(name) if name == "full" else get_method(name, budget=0.35)
-        with torch.no_grad(), compress(model, method) as session:
+        with torch.no_grad(), compress(model, method, tokenizer=CharTokenizer()) as session:  # kvzip's repeat prompt
             out = model(IDS)
             cache = out.cache
             after_prompt = {i: (cache.layers[i].keys, cache.layers[i].values) for i in sliding}
@@ -198,7 +198,7 @@ def test_every_method_holds_its_budget_on_the_compressed_layers_of_gemma3_while_
     for name in sorted(set(METHODS) - {"full"}):
         method = get_method(name, budget=0.5)
         target = method.target_slots(40, slot_bytes)
-        with torch.no_grad(), compress(model, method, hold_budget=True):
+        with torch.no_grad(), compress(model, method, hold_budget=True, tokenizer=CharTokenizer()):
             out = model(IDS[:, :40])
             cache = out.cache
             for _ in range(4):
