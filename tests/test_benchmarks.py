@@ -344,6 +344,18 @@ def test_gpu_check_runs_end_to_end_on_a_tiny_shape(tmp_path):
             assert math.isfinite(row["method_ratio"])
 
 
+def test_gpu_check_covers_padded_batches_and_device_map_auto_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--tiny", "--dtype", "float32", "--parts", "batch", "device-map", "--methods", "kvmerger@0.35",
+                    "h2o@0.35", "--batch-new-tokens", "4", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["device_map"]["placement"] == ["cpu"]
+    for rows in (payload["padded_batch"], payload["device_map"]["rows"]):
+        assert [row["config"] for row in rows] == ["full", "kvmerger@0.35", "h2o@0.35"]
+        for row in rows:  # float32 on the CPU: the padded batch gives each prompt its own tokens
+            assert row["prompts_equal"] == row["prompts"] == 4 and row["largest_logit_difference"] < 1e-4
+
+
 def test_gpu_check_refuses_methods_without_a_budget():
     with pytest.raises(ValueError, match="name@budget"):
         gpu_check.parse_methods(["kvmerger"])

@@ -1,0 +1,331 @@
+"""Throughput of batched generation: padded batches of long prompts, full cache vs compressed.
+
+For each batch size, the batch holds that many prompts of different lengths (prompt i of a batch of
+B: ``length - i * length // (4 B)`` tokens of a different essay window, so from ``length`` down to
+about 3/4 of it), left-padded as `generate()` expects; `generate()` then produces ``--new-tokens``
+tokens greedily for every prompt, never stopping early. Configurations:
+
+* ``full``: plain transformers (a `DynamicCache`, no kvmerger attached), what a user has without it;
+* ``method@budget``: the same `generate()` call inside ``kvmerger.compress(model, method)``: each
+  prompt compressed on its own tokens to its own budget, padded to the longest with masked slots.
+
+Each configuration runs in its own child process (this script with ``--child``), so the runs do not
+share an allocator. Measured in the child, from `generate()`'s streamer: the seconds to the first new
+token (prefill, and compression), then the seconds of the remaining ``new_tokens - 1`` steps.
+Reported per configuration: generated tokens/s while decoding (batch x (new tokens - 1) / decoding
+seconds) and end to end (batch x new tokens / all seconds, prefill and compression included), each
+with its ratio to the full cache at the same batch; peak resident memory above the loaded model,
+over the whole run and while decoding (the high-water mark is reset once the prompt is processed,
+as benchmarks/memory.py does); cache bytes after the prompt and at the end (keys, values and
+per-slot biases, masked padding slots included), with ratios to the full cache's.
+
+``--cap-batch B --cap-gib X`` then runs the full cache and ``--cap-methods`` at batch B with the
+child's address space limited (``RLIMIT_AS``) to what it had mapped after loading the model plus
+X GiB: a machine with X GiB for inference above the model. A run that fails to allocate reports
+"out of memory" with the error. X is the caller's choice of machine size; the table prints it.
+
+    python benchmarks/throughput.py                       # batches 1 4 8 16, 2048 tokens, 128 new
+    python benchmarks/throughput.py --batches 16 --cap-batch 32 --cap-gib 4.5
+    python benchmarks/throughput.py --batches 2 --length 256 --new-tokens 8 --configs full kvmerger@0.35  # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from measure import RESULTS, describe_machine, machine, minutes, write_results
+
+DEFAULT_CONFIGS = ["full", "kvmerger@0.5", "kvmerger@0.35", "h2o@0.35"]
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------------------------
+# The child: one configuration at one batch size
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_lengths(length: int, batch: int) -> list[int]:
+    """Different lengths from `length` down to about 3/4 of it."""
+    return [length - i * length // (4 * batch) for i in range(batch)]
+
+
+def padded_batch(tokenizer, length: int, batch: int):
+    """Left-padded ids and attention mask [batch, length]: prompt i from its own window of the essays."""
+    import torch
+
+    from measure import essay_ids
+
+    lengths = prompt_lengths(length, batch)
+    text = essay_ids(tokenizer, length * batch)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((batch, length), pad, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, own in enumerate(lengths):
+        ids[row, length - own :] = text[row * length : row * length + own]
+        mask[row, length - own :] = 1
+    return ids, mask, pad
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status_bytes(field: str) -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def cap_address_space(gib: float) -> int:
+    """Limit this process's address space to what it maps now plus `gib` GiB; returns the limit."""
+    limit = status_bytes("VmSize") + int(gib * GIB)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return limit
+
+
+class Clock:
+    """A `generate()` streamer that times the first new token and the last, and resets the RSS
+    high-water mark once the prompt is processed (benchmarks/memory.py's `start_new_peak`)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.puts = 0
+        self.rss_after_prompt: int | None = None
+        self.peak_measurable = False
+
+    def put(self, value) -> None:
+        self.puts += 1
+        now = time.perf_counter()
+        if self.puts == 2:  # the first call carries the prompt, the second the first new tokens
+            from memory import start_new_peak
+
+            self.rss_after_prompt = peak_rss_bytes()
+            self.peak_measurable = start_new_peak()
+            self.first = time.perf_counter()
+        else:
+            self.last = now
+
+    def end(self) -> None:
+        self.last = time.perf_counter()
+
+
+def run_child(config: dict) -> dict:
+    import torch
+
+    from kvmerger import compress, get_method, load_model
+
+    model, tokenizer = load_model(config["model"], dtype=config["dtype"])
+    ids, mask, pad = padded_batch(tokenizer, config["length"], config["batch"])
+    with torch.no_grad():  # touch every weight once, so that "after load" counts the whole model
+        model(ids[:1, -16:], use_cache=False, logits_to_keep=1)
+    result = {"config": config, "rss_after_load": peak_rss_bytes(), "lengths": prompt_lengths(config["length"], config["batch"])}
+    if config.get("cap_gib") is not None:
+        result["address_space_limit"] = cap_address_space(config["cap_gib"])
+    clock = Clock()
+    method = None if config["method"] == "full" else get_method(config["method"], budget=config["budget"])
+    try:
+        with torch.no_grad():
+            if method is None:
+                out = generate(model, ids, mask, pad, config["new_tokens"], clock)
+                cache = out.past_key_values
+                result["cache_bytes_after_prompt"] = cache_bytes(cache) * config["length"] // layer_tokens(cache)
+            else:
+                with compress(model, method) as session:
+                    out = generate(model, ids, mask, pad, config["new_tokens"], clock)
+                cache = out.past_key_values
+                result["cache_bytes_after_prompt"] = session.report.cache_bytes_after
+                result["sequence_slots"] = session.report.layers[0].notes.get("sequence_slots")
+    except (RuntimeError, MemoryError) as error:  # torch reports a failed allocation as a RuntimeError
+        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        result["out_of_memory"] = str(error).splitlines()[0][:200]
+        result["peak_rss"] = peak_rss_bytes()
+        return result
+    result["generated"] = int(out.sequences.shape[1] - ids.shape[1])
+    result["cache_bytes_at_end"] = cache_bytes(cache)
+    result["prefill_seconds"] = clock.first - clock.start
+    result["decode_seconds"] = clock.last - clock.first
+    result["rss_after_prompt"] = clock.rss_after_prompt
+    result["generation_peak_rss"] = status_bytes("VmHWM") if clock.peak_measurable else None
+    return result
+
+
+def generate(model, ids, mask, pad: int, new_tokens: int, clock: Clock):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=pad, streamer=clock, return_dict_in_generate=True,
+    )
+
+
+def cache_bytes(cache) -> int:
+    """Keys, values and per-slot biases of every layer (masked padding slots included)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def layer_tokens(cache) -> int:
+    return cache.layers[0].keys.shape[-2]
+
+
+# --------------------------------------------------------------------------------------------
+# The parent
+# --------------------------------------------------------------------------------------------
+
+
+def run_in_child(config: dict) -> dict:
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)], stdout=subprocess.PIPE, text=True
+    )
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"the child for {config} failed with exit code {code}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss"] = max(usage.ru_maxrss * 1024, result.get("rss_after_prompt") or 0, result.get("peak_rss") or 0)
+    return result
+
+
+def parse_config(text: str) -> tuple[str, float]:
+    if text == "full":
+        return "full", 1.0
+    name, _, budget = text.partition("@")
+    if not budget:
+        raise argparse.ArgumentTypeError(f"a configuration is 'full' or METHOD@BUDGET, got {text!r}")
+    return name, float(budget)
+
+
+def rows_for_batch(results: list[dict]) -> list[dict]:
+    """Per configuration of one batch size: tokens/s, memory and cache bytes, with ratios to `full`."""
+    full = next(r for r in results if r["config"]["method"] == "full")
+    rows = []
+    for r in results:
+        batch, new = r["config"]["batch"], r["config"]["new_tokens"]
+        decode = batch * (new - 1) / r["decode_seconds"]
+        total = batch * new / (r["prefill_seconds"] + r["decode_seconds"])
+        full_decode = batch * (new - 1) / full["decode_seconds"]
+        full_total = batch * new / (full["prefill_seconds"] + full["decode_seconds"])
+        generating = r["generation_peak_rss"]
+        rows.append(
+            {
+                "batch": batch,
+                "config": label_of(r["config"]),
+                "decode_tokens_per_s": decode,
+                "decode_ratio": decode / full_decode,
+                "total_tokens_per_s": total,
+                "total_ratio": total / full_total,
+                "peak_above_model": r["peak_rss"] - r["rss_after_load"],
+                "generation_peak_above_model": None if generating is None else generating - r["rss_after_load"],
+                "cache_bytes_after_prompt": r["cache_bytes_after_prompt"],
+                "cache_ratio_after_prompt": r["cache_bytes_after_prompt"] / full["cache_bytes_after_prompt"],
+                "cache_bytes_at_end": r["cache_bytes_at_end"],
+                "cache_ratio_at_end": r["cache_bytes_at_end"] / full["cache_bytes_at_end"],
+            }
+        )
+    return rows
+
+
+def label_of(config: dict) -> str:
+    return "full" if config["method"] == "full" else f"{config['method']}@{config['budget']:g}"
+
+
+def mib(count: float | None) -> str:
+    return "n/a" if count is None else f"{count / 2**20:.0f}"
+
+
+TABLE_HEAD = (
+    "| batch | config | decode tokens/s | / full | end-to-end tokens/s | / full | peak above model, MiB "
+    "(run / decoding) | cache after prompt, MiB | / full | cache at end, MiB | / full |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"| {row['batch']} | {row['config']} | {row['decode_tokens_per_s']:.1f} | {row['decode_ratio']:.2f} | "
+        f"{row['total_tokens_per_s']:.2f} | {row['total_ratio']:.2f} | {mib(row['peak_above_model'])} / "
+        f"{mib(row['generation_peak_above_model'])} | {mib(row['cache_bytes_after_prompt'])} | "
+        f"{row['cache_ratio_after_prompt']:.3f} | {mib(row['cache_bytes_at_end'])} | {row['cache_ratio_at_end']:.3f} |"
+    )
+
+
+def format_capped(result: dict, gib: float) -> str:
+    label = label_of(result["config"])
+    above = mib(result["peak_rss"] - result["rss_after_load"])
+    if "out_of_memory" in result:
+        return f"| {result['config']['batch']} | {label} | {gib:g} | out of memory ({result['out_of_memory']}) | {above} |"
+    return (
+        f"| {result['config']['batch']} | {label} | {gib:g} | generated {result['generated']} tokens per prompt, "
+        f"{result['config']['batch'] * (result['generated'] - 1) / result['decode_seconds']:.1f} tokens/s decoding | {above} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder, id or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--length", type=int, default=2048, help="tokens of the longest prompt of a batch")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16], help="none: only the capped runs")
+    parser.add_argument("--configs", type=parse_config, nargs="+", default=[parse_config(c) for c in DEFAULT_CONFIGS])
+    parser.add_argument("--cap-batch", type=int, default=None, help="batch size run under the memory cap")
+    parser.add_argument("--cap-gib", type=float, default=None, help="GiB above the loaded model under the cap")
+    parser.add_argument("--cap-methods", type=parse_config, nargs="+", default=[parse_config("kvmerger@0.35")])
+    parser.add_argument("--cap-new-tokens", type=int, default=16, help="tokens generated per prompt under the cap")
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decoding is timed after the first new token)")
+    if (args.cap_batch is None) != (args.cap_gib is None):
+        parser.error("give --cap-batch and --cap-gib together")
+    if ("full", 1.0) not in args.configs:
+        parser.error("the configurations must include 'full' (every ratio is taken against it)")
+    common = {"model": args.model, "dtype": args.dtype, "length": args.length}
+    info = machine()
+    tokens = sum(args.batches) * len(args.configs)
+    estimate = tokens * (2.5 * (args.length / 2048) ** 1.3 + 0.12 * args.new_tokens)
+    print(f"# {describe_machine(info)}; {args.dtype}, prompts of {args.length} tokens and shorter, {args.new_tokens} new")
+    print(f"# expected runtime on the 2-core VM: about {minutes(estimate)} (+ the capped runs)", flush=True)
+    print(TABLE_HEAD, flush=True)
+    results, rows = [], []
+    for batch in args.batches:
+        batch_results = []
+        for method, budget in args.configs:
+            config = {**common, "batch": batch, "new_tokens": args.new_tokens, "method": method, "budget": budget}
+            batch_results.append(run_in_child(config))
+        for row in rows_for_batch(batch_results):
+            print(format_row(row), flush=True)
+            rows.append(row)
+        results += batch_results
+    capped = []
+    if args.cap_batch is not None:
+        print("\n| batch | config | GiB above the model (address space) | result | peak RSS above model, MiB |")
+        print("|---|---|---|---|---|", flush=True)
+        for method, budget in [("full", 1.0), *args.cap_methods]:
+            config = {
+                **common, "batch": args.cap_batch, "new_tokens": args.cap_new_tokens, "method": method,
+                "budget": budget, "cap_gib": args.cap_gib,
+            }
+            capped.append(run_in_child(config))
+            print(format_capped(capped[-1], args.cap_gib), flush=True)
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_results(args.out, {"command": command.strip(), "machine": info, "rows": rows, "runs": results, "capped": capped})
+
+
+if __name__ == "__main__":
+    main()
