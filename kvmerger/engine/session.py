@@ -13,6 +13,8 @@ that layer's attention) -> method -> smaller cache -> decoding.
 * `attach(model)`: a session that only applies per-slot biases, for decoding with a cache that
   was compressed elsewhere.
 
+A left-padded batch is compressed one sequence at a time (engine/padding.py).
+
 Only full-attention layers are compressed. A sliding-window layer (Gemma 3, Mistral with a window,
 Qwen with `use_sliding_window`) keeps transformers' own cache, bounded by its window; it is never
 handed to a method, and reports list it in `kept_layers` with its bytes.
@@ -634,6 +636,10 @@ def compress(
     to compress and no budget to hold: it is left as it is, with a `UserWarning` when holding.
     `tokenizer`: the model's, for methods scored by reconstructing the prompt (KVzip's score; loaded
     from the model's folder when not given).
+
+    A left-padded batch (an `attention_mask` with zeros, as `generate()` takes it) is compressed one
+    sequence at a time on its own tokens, to its own budget, and padded back with masked slots
+    (engine/padding.py); right padding, and methods scored by reconstruction, raise a ValueError.
 
     A prompt whose keys, values or query states hold NaN or inf in some layer (an overflowing
     float16 model, a corrupted checkpoint) raises `NonFiniteCacheError` naming the layer; the model
