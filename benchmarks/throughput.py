@@ -391,8 +391,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the configurations must include 'full' (every ratio is taken against it)")
     common = {"model": args.model, "dtype": args.dtype, "length": args.length, "threads": args.threads}
     info = machine()
-    tokens = sum(args.batches) * len(args.configs)
-    estimate = tokens * (2.5 * (args.length / 2048) ** 1.3 + 0.12 * args.new_tokens)  # idle VM
+    scale = args.length / 2048  # rough, idle VM: ~4 s of prefill per 2k-token prompt, decode steps growing with the cache
+    estimate = len(args.configs) * sum(
+        batch * 4.0 * scale**1.3 + args.new_tokens * (0.03 + 0.01 * batch * scale) for batch in args.batches
+    )
     print(f"# {describe_machine(info)}; {args.dtype}, prompts of {args.length} tokens and shorter, {args.new_tokens} new")
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)} (+ the capped runs)", flush=True)
     print(TABLE_HEAD, flush=True)
