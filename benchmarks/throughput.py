@@ -244,10 +244,11 @@ def generate(model, ids, mask, pad: int, new_tokens: int, clock: Clock):
 
 
 def cache_bytes(cache) -> int:
-    """Keys, values and per-slot biases of every layer (masked padding slots included)."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    """Keys, values and per-slot biases of every layer (masked padding slots included). `generate()`
+    hands back its own cache object, whose layers kvmerger replaced by its own: count per layer."""
+    from kvmerger.engine.hf import layer_nbytes
+
+    return sum(layer_nbytes(layer) for layer in cache.layers)
 
 
 def layer_tokens(cache) -> int:
