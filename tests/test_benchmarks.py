@@ -25,6 +25,7 @@ import memory  # noqa: E402
 import overhead  # noqa: E402
 import estimate_agreement  # noqa: E402
 import statistic_agreement  # noqa: E402
+import throughput  # noqa: E402
 
 from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
 from kvmerger.evaluation.tasks import Sample, get_task  # noqa: E402
@@ -330,6 +331,32 @@ def test_full_cache_agreement_compares_answers_sample_by_sample():
 
 
 # --------------------------------------------------------------------------------------------
+# throughput.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_throughput_prompts_differ_in_length_from_the_longest_to_three_quarters():
+    assert throughput.prompt_lengths(2048, 1) == [2048]
+    lengths = throughput.prompt_lengths(2048, 16)
+    assert lengths[0] == 2048 and len(set(lengths)) == 16 and min(lengths) >= 1536
+
+
+def test_throughput_rows_take_ratios_against_the_full_cache_and_the_auto_cap_lies_between():
+    def run(method, budget, prefill, decode, memory, cache):
+        config = {"batch": 4, "new_tokens": 17, "method": method, "budget": budget}
+        return {"config": config, "prefill_seconds": prefill, "decode_seconds": decode, "prefill_memory": memory,
+                "cache_bytes_after_prompt": cache, "cache_bytes_at_end": cache + 10}
+
+    rows = throughput.rows_for_batch([run("full", 1.0, 10.0, 8.0, 400, 100), run("kvmerger", 0.35, 12.0, 4.0, 200, 35)])
+    full, ours = rows
+    assert full["decode_ratio"] == full["total_ratio"] == full["cache_ratio_after_prompt"] == 1.0
+    assert ours["config"] == "kvmerger@0.35" and ours["decode_tokens_per_s"] == 4 * 16 / 4.0
+    assert ours["decode_ratio"] == 2.0 and ours["total_ratio"] == pytest.approx(18 / 16)
+    assert ours["prefill_memory_ratio"] == 0.5 and ours["cache_ratio_after_prompt"] == 0.35
+    assert throughput.auto_cap(rows, 4, "kvmerger@0.35") * throughput.GIB == 300
+
+
+# --------------------------------------------------------------------------------------------
 # gpu_check.py, on a tiny shape on the CPU
 # --------------------------------------------------------------------------------------------
 
@@ -354,6 +381,18 @@ def test_gpu_check_runs_end_to_end_on_a_tiny_shape(tmp_path):
         if row["method"] != "full":
             assert row["overhead_ratio"] > 0 and row["decode_speed_ratio"] > 0
             assert math.isfinite(row["method_ratio"])
+
+
+def test_gpu_check_covers_padded_batches_and_device_map_auto_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--tiny", "--dtype", "float32", "--parts", "batch", "device-map", "--methods", "kvmerger@0.35",
+                    "h2o@0.35", "--batch-new-tokens", "4", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["device_map"]["placement"] == ["cpu"]
+    for rows in (payload["padded_batch"], payload["device_map"]["rows"]):
+        assert [row["config"] for row in rows] == ["full", "kvmerger@0.35", "h2o@0.35"]
+        for row in rows:  # float32 on the CPU: the padded batch gives each prompt its own tokens
+            assert row["prompts_equal"] == row["prompts"] == 4 and row["largest_logit_difference"] < 1e-4
 
 
 def test_gpu_check_refuses_methods_without_a_budget():

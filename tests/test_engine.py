@@ -200,11 +200,16 @@ def test_equal_length_batch_compresses_each_row_like_alone(tiny_llama):
             torch.testing.assert_close(layer.values[row], alone[row].layers[index].values[0])
 
 
-def test_padded_batches_are_refused_with_a_clear_error(tiny_llama):
+def test_masks_other_than_left_padding_are_refused_with_the_fix_named(tiny_llama):
+    """Left-padded batches are compressed per sequence (tests/test_padded_batches.py); holes are not padding."""
     ids = torch.randint(0, 128, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="padded batches are not supported"), compress(tiny_llama, KVMerger()):
+    mask[1, 3:5] = 0
+    with pytest.raises(ValueError, match="padding_side = 'left'"), compress(tiny_llama, KVMerger()):
+        tiny_llama(ids, attention_mask=mask)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :9] = 0
+    with pytest.raises(ValueError, match="at least two tokens"), compress(tiny_llama, KVMerger()):
         tiny_llama(ids, attention_mask=mask)
 
 

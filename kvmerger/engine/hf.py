@@ -423,8 +423,9 @@ def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
 
     transformers builds one full-attention mask from the first full-attention layer's sizes; layers
     compressed to other lengths (paper mode) need their own. Only full-attention layers come here
-    (sliding-window layers keep transformers' own mask), and with no padding (checked when a forward
-    pass starts) every stored slot is visible and the new tokens keep their causal block.
+    (sliding-window layers keep transformers' own mask): every stored slot is visible (padding slots
+    of a padded batch are masked by their -inf bias, engine.padding) and the new tokens keep their
+    causal block.
     """
     new_tokens = mask.shape[-2]
     stored = kv_length - new_tokens
@@ -515,7 +516,6 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
-        _check_no_padding(kwargs.get("attention_mask"))
         key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
         cache = kwargs.get(key)
         use_cache = kwargs.get("use_cache", module.config.use_cache)
@@ -525,7 +525,7 @@ def _make_pre_hook(session: CompressionSession) -> Callable:
             cache = _as_compressed_cache(cache, module.config)
             kwargs[key] = cache
         token_ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
-        session.begin_forward(cache, None if inputs is None else inputs.shape[1], token_ids)
+        session.begin_forward(cache, None if inputs is None else inputs.shape[1], token_ids, kwargs.get("attention_mask"))
         return args, kwargs
 
     return pre_hook
@@ -563,14 +563,6 @@ def rotary_tables(model: PreTrainedModel) -> Callable[[int], Callable] | None:
         return tables
 
     return for_layer
-
-
-def _check_no_padding(attention_mask: torch.Tensor | None) -> None:
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-        raise ValueError(
-            "padded batches are not supported yet: kvmerger compresses sequences of equal length "
-            "(an attention_mask of all ones). Compress one sequence at a time, or batch prompts of equal length."
-        )
 
 
 def _as_compressed_cache(cache: Cache, config: Any) -> Cache:

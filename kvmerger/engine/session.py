@@ -13,6 +13,8 @@ that layer's attention) -> method -> smaller cache -> decoding.
 * `attach(model)`: a session that only applies per-slot biases, for decoding with a cache that
   was compressed elsewhere.
 
+A left-padded batch is compressed one sequence at a time (engine/padding.py).
+
 Only full-attention layers are compressed. A sliding-window layer (Gemma 3, Mistral with a window,
 Qwen with `use_sliding_window`) keeps transformers' own cache, bounded by its window; it is never
 handed to a method, and reports list it in `kept_layers` with its bytes.
@@ -23,12 +25,13 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TypeVar
 
 import torch
 
+from kvmerger.engine import kernels
 from kvmerger.engine.finite import check_finite
 from kvmerger.engine.hf import (
     CompressedCache,
@@ -42,14 +45,28 @@ from kvmerger.engine.hf import (
     layer_slots,
     rotary_tables,
 )
+from kvmerger.engine.padding import BatchPadding, left_pad, stack_outputs, stack_padded
 from kvmerger.engine.report import CompressionReport, KeptLayer, LayerReport
 from kvmerger.engine.scoring import DEFAULT_CHUNK, LayerScores, ScoreContext, _synchronize, new_query_attention
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, SlotState
 
 
+@dataclass(frozen=True)
+class SequenceBudget:
+    """One sequence of a padded batch while the engine holds its budget (engine.padding)."""
+
+    padding_tokens: int  # left padding of its prompt in the batch
+    padding_slots: int  # masked slots before its own, in every layer, for the rest of generation
+    target_slots: int  # its own budget
+    prompt_length: int  # its own prompt's tokens
+
+
 @dataclass
 class SlotMeta:
-    """What the engine tracks per stored slot while it holds a layer's budget during generation."""
+    """What the engine tracks per stored slot while it holds a layer's budget during generation.
+
+    For a padded batch `sequences` holds each sequence's own budget; `target_slots` and
+    `prompt_length` are then the batch's (the longest)."""
 
     positions: torch.Tensor  # [B, Hkv, N] long
     set_sizes: torch.Tensor  # [B, Hkv, N] long
@@ -57,6 +74,7 @@ class SlotMeta:
     last_attention: torch.Tensor  # [B, Hkv, N] float32
     target_slots: int
     prompt_length: int
+    sequences: tuple[SequenceBudget, ...] | None = None
 
     @classmethod
     def after_compression(cls, output: LayerOutput, aggregated: torch.Tensor, prompt_length: int) -> SlotMeta:
@@ -68,11 +86,32 @@ class SlotMeta:
         accumulated = accumulated.masked_fill(sizes == 0, float("-inf"))
         return cls(positions, sizes, accumulated, torch.zeros_like(accumulated), positions.shape[-1], prompt_length)
 
+    @classmethod
+    def stacked(cls, metas: list[SlotMeta], padding: BatchPadding) -> SlotMeta:
+        """A padded batch's metadata from each sequence's own, left-padded like its slots (engine.padding)."""
+        slots = max(meta.target_slots for meta in metas)
+        return cls(
+            torch.cat([left_pad(meta.positions, slots, -1) for meta in metas]),
+            torch.cat([left_pad(meta.set_sizes, slots, 0) for meta in metas]),
+            torch.cat([left_pad(meta.accumulated, slots, float("-inf")) for meta in metas]),
+            torch.cat([left_pad(meta.last_attention, slots, 0.0) for meta in metas]),
+            slots,
+            padding.length,
+            tuple(
+                SequenceBudget(pad, slots - meta.target_slots, meta.target_slots, meta.prompt_length)
+                for pad, meta in zip(padding.pads, metas)
+            ),
+        )
+
     def appended(self, new_tokens: int, seen_tokens: int) -> SlotMeta:
-        """The metadata with `new_tokens` just-appended slots (one token each, no attention yet)."""
+        """The metadata with `new_tokens` just-appended slots (one token each, no attention yet), at each
+        sequence's own positions."""
         batch, heads, _ = self.positions.shape
         device = self.positions.device
         positions = torch.arange(seen_tokens - new_tokens, seen_tokens, device=device).expand(batch, heads, -1)
+        if self.sequences is not None:
+            padding = torch.tensor([s.padding_tokens for s in self.sequences], device=device)
+            positions = positions - padding.view(batch, 1, 1)
         return SlotMeta(
             torch.cat([self.positions, positions], dim=-1),
             torch.cat([self.set_sizes, torch.ones_like(positions)], dim=-1),
@@ -80,6 +119,7 @@ class SlotMeta:
             torch.cat([self.last_attention, self.last_attention.new_zeros(batch, heads, new_tokens)], dim=-1),
             self.target_slots,
             self.prompt_length,
+            self.sequences,
         )
 
 
@@ -120,9 +160,14 @@ class Session:
 
     # -- called by the hooks in engine.hf ------------------------------------------------------
     def begin_forward(
-        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+        self,
+        cache: CompressedCache | None,
+        query_length: int | None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """`input_ids` [B, n]: the token ids fed, when the forward pass was given ids (not embeddings)."""
+        """`input_ids` [B, n]: the token ids fed, when the forward pass was given ids (not embeddings);
+        `attention_mask`: the 2-D mask it was given, if any (zeros: a padded batch)."""
         self._cache = cache
 
     def end_forward(self) -> None:
@@ -188,34 +233,79 @@ class Session:
         meta.accumulated = meta.accumulated + summed
         meta.last_attention = last
         if key.shape[-2] > meta.target_slots:
-            state = self.hold_method.hold_budget(
-                SlotState(
-                    keys=layer.keys,
-                    values=layer.values,
-                    bias=layer.slot_bias,
-                    positions=meta.positions,
-                    set_sizes=meta.set_sizes,
-                    accumulated=meta.accumulated,
-                    last_attention=meta.last_attention,
-                    target_slots=meta.target_slots,
-                    prompt_length=meta.prompt_length,
-                    seen_tokens=layer.seen_tokens,
-                    layer_idx=layer_idx,
-                )
+            state = SlotState(
+                keys=layer.keys,
+                values=layer.values,
+                bias=layer.slot_bias,
+                positions=meta.positions,
+                set_sizes=meta.set_sizes,
+                accumulated=meta.accumulated,
+                last_attention=meta.last_attention,
+                target_slots=meta.target_slots,
+                prompt_length=meta.prompt_length,
+                seen_tokens=layer.seen_tokens,
+                layer_idx=layer_idx,
             )
-            if state.keys.shape[-2] != meta.target_slots:
-                raise RuntimeError(
-                    f"{self.hold_method.name}.hold_budget left {state.keys.shape[-2]} slots in layer {layer_idx}, "
-                    f"not its budget of {meta.target_slots}"
-                )
+            if meta.sequences is None:
+                state = self._held(state)
+            else:
+                state = self._held_per_sequence(state, meta.sequences)
             layer.replace(state.keys, state.values, state.bias)
             meta = SlotMeta(
-                state.positions, state.set_sizes, state.accumulated, state.last_attention, meta.target_slots, meta.prompt_length
+                state.positions, state.set_sizes, state.accumulated, state.last_attention, meta.target_slots,
+                meta.prompt_length, meta.sequences,
             )
             self.hold_calls += 1
         layer.hold = meta
         _synchronize(key.device)
         self.seconds_holding += time.perf_counter() - start
+
+    def _held(self, state: SlotState) -> SlotState:
+        """The method's `hold_budget` on `state`, checked to keep exactly its target."""
+        held = self.hold_method.hold_budget(state)
+        if held.keys.shape[-2] != state.target_slots:
+            raise RuntimeError(
+                f"{self.hold_method.name}.hold_budget left {held.keys.shape[-2]} slots in layer {state.layer_idx}, "
+                f"not its budget of {state.target_slots}"
+            )
+        return held
+
+    def _held_per_sequence(self, state: SlotState, sequences: tuple[SequenceBudget, ...]) -> SlotState:
+        """A padded batch's layer held at each sequence's own budget: each sequence's own slots (its
+        padding sliced off) go to the method alone, and come back left-padded as they were."""
+        held: list[SlotState] = []
+        for row, sequence in enumerate(sequences):
+            own = slice(sequence.padding_slots, None)
+            bias = state.bias[row : row + 1, :, own] if self.hold_method.stores_bias() else None
+            held.append(
+                self._held(
+                    replace(
+                        state,
+                        keys=state.keys[row : row + 1, :, own],
+                        values=state.values[row : row + 1, :, own],
+                        bias=bias,
+                        positions=state.positions[row : row + 1, :, own],
+                        set_sizes=state.set_sizes[row : row + 1, :, own],
+                        accumulated=state.accumulated[row : row + 1, :, own],
+                        last_attention=state.last_attention[row : row + 1, :, own],
+                        target_slots=sequence.target_slots,
+                        prompt_length=sequence.prompt_length,
+                        seen_tokens=state.seen_tokens - sequence.padding_tokens,
+                    )
+                )
+            )
+        keys, values, bias = stack_padded([h.keys for h in held], [h.values for h in held], [h.bias for h in held])
+        slots = keys.shape[2]
+        return replace(
+            state,
+            keys=keys,
+            values=values,
+            bias=bias,
+            positions=torch.cat([left_pad(h.positions, slots, -1) for h in held]),
+            set_sizes=torch.cat([left_pad(h.set_sizes, slots, 0) for h in held]),
+            accumulated=torch.cat([left_pad(h.accumulated, slots, float("-inf")) for h in held]),
+            last_attention=torch.cat([left_pad(h.last_attention, slots, 0.0) for h in held]),
+        )
 
     def on_prefill(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
         """Called once per layer, right after the prompt's attention in that layer."""
@@ -251,6 +341,7 @@ class CompressionSession(Session):
         self._context = ScoreContext()
         self._input_ids: torch.Tensor | None = None
         self._deferred: list[tuple[CompressedLayer, int, PrefillAttention]] = []
+        self._padding: BatchPadding | None = None
 
     @property
     def report(self) -> CompressionReport:
@@ -260,9 +351,20 @@ class CompressionSession(Session):
         return self.reports[-1]
 
     def begin_forward(
-        self, cache: CompressedCache | None, query_length: int | None, input_ids: torch.Tensor | None = None
+        self,
+        cache: CompressedCache | None,
+        query_length: int | None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
-        super().begin_forward(cache, query_length, input_ids)
+        super().begin_forward(cache, query_length, input_ids, attention_mask)
+        prefill = cache is not None and cache.get_seq_length() == 0
+        self._padding = BatchPadding.from_mask(attention_mask) if prefill else None
+        if self._padding is not None and self.defers:
+            raise ValueError(
+                f"{self.method.label()} scores tokens by reconstructing one prompt with a second pass of the model, "
+                "which kvmerger does not run on padded batches: compress these prompts one at a time"
+            )
         self._building = None
         self._input_ids = input_ids
         self._context = ScoreContext(rotary=self._rotary)
@@ -281,6 +383,9 @@ class CompressionSession(Session):
             self._compress(layer, layer_idx, attention)
 
     def _compress(self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention) -> None:
+        if self._padding is not None:
+            self._compress_padded(layer, layer_idx, attention, self._padding)
+            return
         key, value = attention.key, attention.value
         scores = LayerScores(
             attention.query, key, attention.scaling, self.chunk_size, attention.lse,
@@ -290,6 +395,46 @@ class CompressionSession(Session):
         layer.replace(output.keys, output.values, output.bias)
         if self.hold_method is not None:
             layer.hold = SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2])
+        self._add_report(layer_report)
+
+    def _compress_padded(
+        self, layer: CompressedLayer, layer_idx: int, attention: PrefillAttention, padding: BatchPadding
+    ) -> None:
+        """Compress each sequence of a padded batch on its own tokens, then pad them back (engine.padding)."""
+        outputs: list[LayerOutput] = []
+        reports: list[LayerReport] = []
+        metas: list[SlotMeta] = []
+        for row in range(len(padding.pads)):
+            query, key, value = (padding.own(t, row) for t in (attention.query, attention.key, attention.value))
+            scores = LayerScores(
+                query, key, attention.scaling, self.chunk_size, self._sequence_lse(query, key, value, attention.scaling),
+                layer_idx=layer_idx, context=self._context,
+            )
+            output, report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
+            outputs.append(output)
+            reports.append(report)
+            if self.hold_method is not None:
+                metas.append(SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2]))
+        stacked = stack_outputs(outputs)
+        layer.replace(stacked.keys, stacked.values, stacked.bias)
+        if metas:
+            layer.hold = SlotMeta.stacked(metas, padding)
+        self._add_report(batch_report(reports, attention.key, attention.value, stacked, padding))
+
+    def _sequence_lse(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """One sequence's prefill log-normalisers, for a method whose estimated statistic needs them.
+
+        A padded prefill runs masked attention, which keeps none; one more causal pass over the
+        sequence's own states gives what its prefill alone would have kept (the same kernel)."""
+        if getattr(self.method, "statistic", "exact") != "estimated" or not kernels.available(query.device, query.dtype):
+            return None
+        group = query.shape[1] // key.shape[1]
+        grouped_key, grouped_value = (t.repeat_interleave(group, dim=1) for t in (key, value))
+        return kernels.causal_attention_with_lse(query, grouped_key, grouped_value, scaling)[1]
+
+    def _add_report(self, layer_report: LayerReport) -> None:
         if self._building is None:
             self._building = CompressionReport(method=self.method.describe())
         self._building.layers.append(layer_report)
@@ -384,6 +529,34 @@ def _check_output(method: CompressionMethod, layer: LayerInput, output: LayerOut
         )
 
 
+def batch_report(
+    reports: list[LayerReport], keys: torch.Tensor, values: torch.Tensor, output: LayerOutput, padding: BatchPadding
+) -> LayerReport:
+    """One layer's report for a padded batch: bytes of the padded tensors (masked slots counted) before
+    and after, times and merging sets summed over the sequences, each sequence's tokens and slots in
+    the notes."""
+    sizes: dict[int, int] = {}
+    for report in reports:
+        for size, count in report.merge_set_sizes.items():
+            sizes[size] = sizes.get(size, 0) + count
+    return LayerReport(
+        layer=reports[0].layer,
+        tokens=padding.length,
+        slots_before=padding.length,
+        slots_after=output.keys.shape[-2],
+        bytes_before=_nbytes(keys) + _nbytes(values),
+        bytes_after=_nbytes(output.keys) + _nbytes(output.values) + _nbytes(output.bias),
+        seconds_scoring=sum(report.seconds_scoring for report in reports),
+        seconds_compressing=sum(report.seconds_compressing for report in reports),
+        merge_set_sizes=dict(sorted(sizes.items())),
+        notes={
+            "sequence_tokens": padding.lengths,
+            "sequence_slots": [report.slots_after for report in reports],
+            "sequences": [report.notes for report in reports],
+        },
+    )
+
+
 def kept_layers(cache: CompressedCache) -> list[KeptLayer]:
     """The layers of `cache` that no method compresses, as they are now."""
     return [
@@ -463,6 +636,10 @@ def compress(
     to compress and no budget to hold: it is left as it is, with a `UserWarning` when holding.
     `tokenizer`: the model's, for methods scored by reconstructing the prompt (KVzip's score; loaded
     from the model's folder when not given).
+
+    A left-padded batch (an `attention_mask` with zeros, as `generate()` takes it) is compressed one
+    sequence at a time on its own tokens, to its own budget, and padded back with masked slots
+    (engine/padding.py); right padding, and methods scored by reconstruction, raise a ValueError.
 
     A prompt whose keys, values or query states hold NaN or inf in some layer (an overflowing
     float16 model, a corrupted checkpoint) raises `NonFiniteCacheError` naming the layer; the model
