@@ -122,17 +122,27 @@ class Clock:
         self.last = time.perf_counter()
 
 
-def run_child(config: dict) -> dict:
+def load_for(config: dict):
+    """The model (every weight touched once, so that "after load" counts it all) and the padded batch."""
     import torch
 
-    from kvmerger import compress, get_method, load_model
+    from kvmerger import load_model
 
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     model, tokenizer = load_model(config["model"], dtype=config["dtype"])
     ids, mask, pad = padded_batch(tokenizer, config["length"], config["batch"])
-    with torch.no_grad():  # touch every weight once, so that "after load" counts the whole model
+    with torch.no_grad():
         model(ids[:1, -16:], use_cache=False, logits_to_keep=1)
+    return model, ids, mask, pad
+
+
+def run_child(config: dict) -> dict:
+    import torch
+
+    from kvmerger import compress, get_method
+
+    model, ids, mask, pad = load_for(config)
     result = {"config": config, "rss_after_load": peak_rss_bytes(), "lengths": prompt_lengths(config["length"], config["batch"])}
     if config.get("cap_gib") is not None:
         result["address_space_limit"] = cap_address_space(config["cap_gib"])
@@ -169,15 +179,10 @@ def run_batch(config: dict) -> dict:
     """One batch size, every configuration in one process: prefills in turn, then interleaved decoding."""
     import torch
 
-    from kvmerger import compress, get_method, load_model
+    from kvmerger import compress, get_method
     from memory import start_new_peak
 
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    model, tokenizer = load_model(config["model"], dtype=config["dtype"])
-    ids, mask, pad = padded_batch(tokenizer, config["length"], config["batch"])
-    with torch.no_grad():  # touch every weight once, so that "after load" counts the whole model
-        model(ids[:1, -16:], use_cache=False, logits_to_keep=1)
+    model, ids, mask, pad = load_for(config)
     runs = []
     for method_name, budget in config["configs"]:
         method = None if method_name == "full" else get_method(method_name, budget=budget)
