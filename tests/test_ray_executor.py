@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import kvmerger.cli.main as cli_main
 from kvmerger.evaluation import ray_executor
@@ -33,6 +32,7 @@ def local_ray():
     except ImportError:
         pytest.fail(f"Ray is missing: {ray_executor.INSTALL} (`make setup` installs it)")
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -40,15 +40,6 @@ def local_ray():
     )
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """The serial run on one thread, as each Ray worker of 1 CPU: the same arithmetic, bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +53,7 @@ def argv(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def serial(argv, one_thread, tmp_path_factory):
+def serial(argv, one_thread, tmp_path_factory):  # one thread, as each Ray worker of 1 CPU: the same arithmetic
     folder = tmp_path_factory.mktemp("serial")
     assert cli_main.main([*argv, "--out", str(folder)]) == 0
     return folder

@@ -151,7 +151,8 @@ class RayRunner:
             return
         quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # workers log to Ray's session folder
         if address is None:
-            self.ray.init(include_dashboard=False, **quiet)
+            # "local": a new instance, even where `ray start` left (or a crash left) a cluster file behind
+            self.ray.init(address="local", include_dashboard=False, **quiet)
             self.started_ray = True
         else:
             try:
