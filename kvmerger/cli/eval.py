@@ -191,9 +191,10 @@ def execute(args: argparse.Namespace, settings, command: str, title: str, intro:
         print(intro, file=sys.stderr)
     with open_runner(args, settings, folder) as (runner, executor):
         variants = settings.variants()
+        protocols = list(dict.fromkeys(p for plan in settings.plans for p in (plan.protocols or settings.protocols)))
         print(
             f"kvmerger {command}: {plural(len(settings.plans), 'task')}, {plural(len(variants), 'method x budget variant')}, "
-            f"{plural(len(settings.protocols), 'protocol')} ({', '.join(settings.protocols)}); results in {folder} "
+            f"{plural(len(protocols), 'protocol')} ({', '.join(protocols)}); results in {folder} "
             f"(run again with --out {folder} to resume)",
             file=sys.stderr,
         )
