@@ -1,7 +1,10 @@
 """Named suites: which methods, tasks, lengths and sample counts `kvmerger compare` runs.
 
-`compare` is sized to finish in under 15 minutes on a 2-core CPU with the default model
-(SmolLM2-135M-Instruct), for the full cache, KVMerger (the paper's) and its best variant, and the
+`compare` was sized to finish in under 15 minutes on a 2-core CPU with the default model
+(SmolLM2-135M-Instruct) before issue 12 added methods; as defined now it does NOT: on 2026-12-01
+its sample groups cost, on the otherwise idle 2-core VM, 65 s (pass key), 45 / 76 / 131 s (needle
+at 1k / 2k / 4k) and 62 s (LM) each, about 28 minutes in all with the compress-once task (the run
+was stopped at 417 of 483 cells; the rest estimated). It runs the full cache, KVMerger (the paper's) and its best variant, and the
 baselines of docs/METHOD.md section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-norm, random) plus
 KVzip and Expected Attention, at budgets 0.5 and 0.35, under both protocols. What costs time is one
 prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k there), one pass of
@@ -18,8 +21,9 @@ sample count matters more than the method count, and the suite keeps few, inform
   question (query-agnostic), then each key asked on its own copy of the compressed cache.
 
 The needle grid had 5 depths before KVzip, Expected Attention, the fitted variant and the
-compress-once task joined; two were dropped (samples, not tasks or methods) to stay within 15
-minutes. `--methods all` runs every registered method.
+compress-once task joined; two were dropped (samples, not tasks or methods), which was not enough:
+halving the samples again, or `--methods` without kvzip (its repeat pass costs about 2.4 prefills
+per sample), is what a 15-minute suite needs. `--methods all` runs every registered method.
 `quick` is the same pipeline at toy sizes, to check an installation or a change end to end.
 """
 
