@@ -175,13 +175,7 @@ def language_modeling_figure(rows: list[Row], title: str) -> Figure:
     if top is not None and clipped:
         ppl_axes.set_ylim(top=top)
     ppl_axes.set_ylabel("perplexity of the continuation")
-    for axes in (kl_axes, ppl_axes):
-        axes.set_xlabel("budget; methods side by side at each budget")
-        _budget_axis(axes, rows)
-        axes.grid(alpha=0.3)
-    ppl_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.suptitle(title, fontsize=10)
-    return figure
+    return _side_by_side(figure, (kl_axes, ppl_axes), rows, title)
 
 
 def language_modeling_tail_figure(rows: list[Row], title: str) -> Figure:
@@ -200,13 +194,7 @@ def language_modeling_tail_figure(rows: list[Row], title: str) -> Figure:
         _log_axis(kl_axes, min(kls), max(kls))
     kl_axes.set_ylabel("KL(full || compressed), nats: worst token (solid), mean (dotted)")
     changed_axes.set_ylabel("tokens whose top-1 prediction changed, %")
-    for axes in (kl_axes, changed_axes):
-        axes.set_xlabel("budget; methods side by side at each budget")
-        _budget_axis(axes, rows)
-        axes.grid(alpha=0.3)
-    changed_axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.suptitle(title, fontsize=10)
-    return figure
+    return _side_by_side(figure, (kl_axes, changed_axes), rows, title)
 
 
 def _plot_off_scale(axes, budgets: list[float], values: list[float], top: float, label: str, style: dict) -> None:
@@ -232,6 +220,17 @@ def _log_axis(axes, low: float, high: float) -> None:
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     axes.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if high < 10 * low else NullFormatter())
+
+
+def _side_by_side(figure: Figure, panels: tuple, rows: list[Row], title: str) -> Figure:
+    """Budget axes and grids on both panels of an LM figure, the legend right of the last, the title."""
+    for axes in panels:
+        axes.set_xlabel("budget; methods side by side at each budget")
+        _budget_axis(axes, rows)
+        axes.grid(alpha=0.3)
+    panels[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(title, fontsize=10)
+    return figure
 
 
 def _budget_axis(axes, rows: list[Row]) -> None:
