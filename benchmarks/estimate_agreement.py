@@ -69,19 +69,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--rows", nargs="+", type=int, default=[64, 128, 256, 512], help="far query rows sampled (m)")
+    parser.add_argument("--bands", nargs="+", type=int, default=[ESTIMATE_BAND], help="near queries taken exactly per key")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (agreement is deterministic)")
     parser.add_argument("--out", type=Path, default=RESULTS / "estimate_agreement.json")
     args = parser.parse_args(argv)
     methods = [get_method(name, budget=b) for name in ("h2o", "kvmerger") for b in args.budgets]
     info = machine()
-    print(f"# {describe_machine(info)}; {args.dtype}; m {args.rows}; band {ESTIMATE_BAND}, last {ESTIMATE_LAST}")
+    print(f"# {describe_machine(info)}; {args.dtype}; m {args.rows}; band {args.bands}, last {ESTIMATE_LAST}")
     print(f"# expected runtime on the idle 2-core VM: about {minutes(sum(60 * (n / 2048) ** 1.7 for n in args.lengths) * args.repeats)}")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     results = []
     for length in args.lengths:
         ids = tail_ids(tokenizer, length)
-        prefill_times, exact_times, estimate_times = [], [], {m: [] for m in args.rows}
+        configurations = [(band, rows) for band in args.bands for rows in args.rows]
+        prefill_times, exact_times, estimate_times = [], [], {c: [] for c in configurations}
         for repeat in range(args.repeats):
             prefill = record_prefill(model, ids)
             prefill_times.append(prefill.seconds)
@@ -91,32 +93,35 @@ def main(argv: list[str] | None = None) -> None:
                 exacts.append(exact)
                 seconds += elapsed
             exact_times.append(seconds)
-            for rows in args.rows:
+            for band, rows in configurations:
                 stride = estimate_stride(length, rows)
                 estimates, seconds = [], 0.0
                 for scores in prefill.scores:
                     estimate, elapsed = timed(
                         lambda: aggregated_attention_estimated(
                             scores.query, scores.key, scores.scaling, scores.lse, stride=stride,
-                            band=ESTIMATE_BAND, last=ESTIMATE_LAST,
+                            band=band, last=ESTIMATE_LAST,
                         )
                     )
                     estimates.append(estimate)
                     seconds += elapsed
-                estimate_times[rows].append(seconds)
+                estimate_times[band, rows].append(seconds)
                 if repeat == 0:
                     worst = max(float(((e - x).abs() / x.clamp_min(1e-30)).max()) for e, x in zip(estimates, exacts))
                     shares = same_share(prefill, methods, estimates, exacts)
-                    results.append({"length": length, "rows": rows, "stride": stride, "max_relative_error": worst, "same": shares})
+                    results.append(
+                        {"length": length, "band": band, "rows": rows, "stride": stride, "max_relative_error": worst, "same": shares}
+                    )
         for row in results:
             if row["length"] == length:
-                row["estimate_over_exact"] = median_ratio(estimate_times[row["rows"]], exact_times)
-                row["estimate_over_prefill"] = median_ratio(estimate_times[row["rows"]], prefill_times)
+                times = estimate_times[row["band"], row["rows"]]
+                row["estimate_over_exact"] = median_ratio(times, exact_times)
+                row["estimate_over_prefill"] = median_ratio(times, prefill_times)
                 row["exact_over_prefill"] = median_ratio(exact_times, prefill_times)
                 row["prefill_seconds"] = median(prefill_times)
                 same = "  ".join(f"{label} {share:.4f}" for label, share in row["same"].items())
                 print(
-                    f"{length:>6} m {row['rows']:>4} (stride {row['stride']:>3}): same slots {same}; max rel. error {row['max_relative_error']:.3f}; "
+                    f"{length:>6} band {row['band']:>3} m {row['rows']:>4} (stride {row['stride']:>3}): same slots {same}; max rel. error {row['max_relative_error']:.3f}; "
                     f"estimate / exact {row['estimate_over_exact']:.3f}, / prefill {row['estimate_over_prefill']:.4f} "
                     f"(exact / prefill {row['exact_over_prefill']:.3f}, prefill {row['prefill_seconds']:.2f} s)",
                     flush=True,

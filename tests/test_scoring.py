@@ -210,22 +210,40 @@ def _probabilities(query, key, lse):
     return (logits - lse.unsqueeze(-1)).exp().masked_fill(columns > rows, 0.0), rows - columns
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunked"])
 @pytest.mark.parametrize(("length", "band", "chunk"), [(37, 5, 4), (64, 64, 16), (130, 16, 64)])
-def test_near_and_far_parts_match_a_dense_computation(length, band, chunk):
+def test_near_and_far_parts_match_a_dense_computation(length, band, chunk, fused):
     from kvmerger.engine.scoring import far_attention_sample, near_attention
 
     query, key, lse = _states(length)
     probabilities, lag = _probabilities(query, key, lse)
     near = (probabilities * ((lag >= 0) & (lag < band))).sum(-2).view(1, 2, 2, length).mean(2)
     far = (probabilities * (lag >= band)).sum(-2).view(1, 2, 2, length).mean(2)
-    torch.testing.assert_close(near_attention(query, key, 0.3, lse, band), near, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(far_attention_sample(query, key, 0.3, lse, band, 1, 0, chunk), far, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(near_attention(query, key, 0.3, lse, band, fused=fused), near, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        far_attention_sample(query, key, 0.3, lse, band, 1, 0, chunk, fused=fused), far, rtol=1e-4, atol=1e-6
+    )
     # stride 3, last 10: rows 2, 5, 8, ... before the last 10 weighted 3, the last 10 weighted 1
     weights = torch.zeros(length)
     weights[2 : length - 10 : 3] = 3.0
     weights[length - 10 :] = 1.0
     sampled = (probabilities * (lag >= band) * weights.view(-1, 1)).sum(-2).view(1, 2, 2, length).mean(2)
-    torch.testing.assert_close(far_attention_sample(query, key, 0.3, lse, band, 3, 10, chunk), sampled, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        far_attention_sample(query, key, 0.3, lse, band, 3, 10, chunk, fused=fused), sampled, rtol=1e-4, atol=1e-6
+    )
+
+
+def test_the_fused_estimate_stays_finite_with_large_logits():
+    from kvmerger.engine.scoring import far_attention_sample, near_attention
+
+    query, key, lse = _states(90, seed=5)
+    query, key = query * 6, key * 6  # logits of several hundred: exp() alone would overflow float32
+    _, lse = kernels.causal_attention_with_lse(query, key.repeat_interleave(2, 1), key.repeat_interleave(2, 1), 0.3)
+    probabilities, lag = _probabilities(query, key, lse)
+    near = (probabilities * ((lag >= 0) & (lag < 8))).sum(-2).view(1, 2, 2, 90).mean(2)
+    far = (probabilities * (lag >= 8)).sum(-2).view(1, 2, 2, 90).mean(2)
+    torch.testing.assert_close(near_attention(query, key, 0.3, lse, 8, fused=True), near, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(far_attention_sample(query, key, 0.3, lse, 8, 1, 0, fused=True), far, rtol=1e-4, atol=1e-6)
 
 
 def test_the_estimate_is_exact_at_stride_one_and_close_on_local_attention():
@@ -262,7 +280,7 @@ def test_layer_scores_take_the_estimate_only_with_log_normalisers():
     without = LayerScores(query, key, 0.3)
     exact = without.aggregated_attention("exact")
     torch.testing.assert_close(without.aggregated_attention("estimated"), exact)  # the exact fallback
-    assert not torch.equal(with_lse.aggregated_attention("estimated", rows=4), exact)
+    assert not torch.equal(with_lse.aggregated_attention("estimated", stride=4), exact)
     with pytest.raises(ValueError, match="statistic must be one of"):
         with_lse.aggregated_attention("sampled")
 

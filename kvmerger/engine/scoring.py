@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 
 SCORE_SOURCES = ("aggregated", "window", "reconstruction", "expected")
 STATISTICS = ("exact", "estimated")  # how the aggregated attention is computed
-ESTIMATE_ROWS = 256  # query rows sampled evenly for the far part of the estimate (benchmarks/estimate_agreement.py)
+# One far query in 16 sampled: the smallest share that kept >= 95% of H2O's slots and KVMerger's pivots at
+# 2k and 8k tokens (benchmarks/estimate_agreement.py, end of tinyshakespeare; a fixed number of rows did not:
+# 256 rows gave 0.944 of KVMerger's pivots at 8k)
+ESTIMATE_STRIDE = 16
 ESTIMATE_BAND = 64  # the nearest 64 queries of each key, exactly
 ESTIMATE_LAST = 64  # and the last 64 queries of the prompt, exactly
 POOLINGS = ("avg", "max")
@@ -130,14 +133,65 @@ def aggregated_attention_from_lse(
     return per_query_head.view(batch, -1, group, length).mean(dim=2)
 
 
-def near_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int) -> torch.Tensor:
+def _masked_column_sums(
+    keys: torch.Tensor, queries: torch.Tensor, log_weights: torch.Tensor, allowed: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """sum_i [allowed_ji] exp(s k_j.q_i + log_weights_i) for every key j, in one fused flash pass.
+
+    keys [B, H, J, d] act as the pass's queries and queries [B, H, I, d] as its keys, each extended
+    by one coordinate (1 for the keys, log_weights_i / s for the queries) so that every logit is
+    s k_j.q_i + log_weights_i; with log_weights_i = -lse_i that is log P[i, j] <= 0, nothing can
+    overflow, and the sum is the exp of the log-normaliser the kernel returns (its output is unused).
+    `allowed` [J, I] bool is applied as an additive mask; a key with no allowed query gets 0.
+    Returns [B, H, J] float32.
+    """
+    ones = keys.new_ones(*keys.shape[:-1], 1)
+    extended_keys = torch.cat([keys, ones], dim=-1)
+    extended_queries = torch.cat([queries, (log_weights / scaling).unsqueeze(-1).to(queries.dtype)], dim=-1)
+    additive = torch.zeros(allowed.shape, dtype=queries.dtype, device=queries.device).masked_fill_(~allowed, -1e30)
+    _, normaliser = kernels.masked_attention_with_lse(
+        extended_keys, extended_queries, torch.zeros_like(extended_queries), additive, scaling
+    )
+    return normaliser.float().exp().masked_fill(~allowed.any(dim=-1), 0.0)
+
+
+def near_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int, *, fused: bool | None = None
+) -> torch.Tensor:
     """Attention each key receives from the `band` queries nearest after it (itself included), exactly.
 
     Column j sums P[i, j] = exp(s q_i.k_j - lse_i) over j <= i < j + band, with the prefill's own
-    log-normalisers `lse` [B, Hq, T]. The sequence is cut into blocks of `band` rows; each block's
-    queries meet its own keys and the previous block's, [B, Hq, T / band, band, 2 band] in all.
+    log-normalisers `lse` [B, Hq, T]. The sequence is cut into blocks of `band` keys; each block's
+    keys meet the queries of their own block and the next one. `fused` (default: where
+    `kernels.available`) runs that as one flash pass with the roles swapped, the blocks as heads;
+    otherwise as matrix products, [B, Hq, T / band, band, 2 band] logits in all.
     Returns [B, Hkv, T] float32, averaged over the query heads of each KV head.
     """
+    if fused is None:
+        fused = kernels.available(key.device, torch.float32)
+    near = _near_attention_fused if fused else _near_attention_chunked
+    return near(query, key, scaling, lse, band)
+
+
+def _near_attention_fused(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int) -> torch.Tensor:
+    batch, q_heads, length, dim = query.shape
+    group = q_heads // key.shape[1]
+    blocks = math.ceil(length / band)
+    pad = blocks * band - length
+    keys = F.pad(key.float().repeat_interleave(group, dim=1), (0, 0, 0, pad)).reshape(batch, q_heads * blocks, band, dim)
+    # the queries of blocks b and b + 1 for the keys of block b; padded queries weigh exp(-1e30) = 0
+    windows = F.pad(query.float(), (0, 0, 0, pad + band)).unfold(2, 2 * band, band)[:, :, :blocks]
+    windows = windows.transpose(-1, -2).reshape(batch, q_heads * blocks, 2 * band, dim)
+    log_weights = F.pad(-lse.float(), (0, pad + band), value=-1e30).unfold(2, 2 * band, band)[:, :, :blocks]
+    key_index = torch.arange(band, device=key.device).unsqueeze(1)
+    query_index = torch.arange(2 * band, device=key.device).unsqueeze(0)
+    allowed = (query_index >= key_index) & (query_index < key_index + band)
+    received = _masked_column_sums(keys, windows, log_weights.reshape(batch, q_heads * blocks, 2 * band), allowed, scaling)
+    received = received.view(batch, q_heads, blocks * band)[..., :length]
+    return received.view(batch, -1, group, length).mean(dim=2)
+
+
+def _near_attention_chunked(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int) -> torch.Tensor:
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -157,22 +211,53 @@ def near_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, lse: 
     return total.flatten(2)[..., band : band + length] / group
 
 
+def sampled_rows(length: int, stride: int, last: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The far part's query rows and their weights: every `stride`-th row (offset stride - 1) before the
+    last `last`, weighted by `stride`, then the last `last` rows, weighted 1."""
+    tail = max(0, length - last)
+    rows = torch.cat([torch.arange(stride - 1, max(tail, stride - 1), stride), torch.arange(tail, length)]).to(device)
+    return rows, torch.where(rows < tail, float(stride), 1.0)
+
+
 def far_attention_sample(
     query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int, stride: int, last: int,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = DEFAULT_CHUNK, *, fused: bool | None = None,
 ) -> torch.Tensor:
     """Estimated attention each key receives from the queries `band` or more positions after it.
 
-    Rows: every `stride`-th query (offset stride - 1) before the last `last`, weighted by `stride`, and
+    Rows (`sampled_rows`): every `stride`-th query before the last `last`, weighted by `stride`, and
     the last `last` queries exactly (weight 1): unbiased over the sampling offset, exact with stride 1.
-    Costs about (T / stride + last) x T / 2 logits per head. Returns [B, Hkv, T] float32.
+    Costs about (T / stride + last) x T logits per head: `fused` (default: where `kernels.available`)
+    as one flash pass with the roles swapped and a [T, rows] mask, otherwise in chunks of `chunk`
+    rows as matrix products. Returns [B, Hkv, T] float32.
     """
+    if fused is None:
+        fused = kernels.available(key.device, torch.float32)
+    rows, weights = sampled_rows(query.shape[-2], stride, last, key.device)
+    far = _far_attention_fused if fused else _far_attention_chunked
+    return far(query, key, scaling, lse, band, rows, weights, chunk)
+
+
+def _far_attention_fused(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int,
+    rows: torch.Tensor, row_weights: torch.Tensor, chunk: int,
+) -> torch.Tensor:
+    batch, q_heads, length, dim = query.shape
+    group = q_heads // key.shape[1]
+    log_weights = row_weights.log() - lse.float()[..., rows]  # [B, Hq, rows]
+    allowed = rows.unsqueeze(0) >= torch.arange(length, device=key.device).unsqueeze(1) + band  # [T, rows]
+    keys = key.float().repeat_interleave(group, dim=1)
+    received = _masked_column_sums(keys, query.float()[..., rows, :], log_weights, allowed, scaling)
+    return received.view(batch, -1, group, length).mean(dim=2)
+
+
+def _far_attention_chunked(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int,
+    rows: torch.Tensor, weights: torch.Tensor, chunk: int,
+) -> torch.Tensor:
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    tail = max(0, length - last)
-    rows = torch.cat([torch.arange(stride - 1, max(tail, stride - 1), stride), torch.arange(tail, length)]).to(key.device)
-    weights = torch.where(rows < tail, float(stride), 1.0)
     grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
     normalisers = lse.float().view(batch, kv_heads, group, length)
     keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, T]
@@ -205,8 +290,10 @@ def aggregated_attention_estimated(
 ) -> torch.Tensor:
     """An estimate of H2O's score in O((band + T / stride) T) work instead of O(T^2): [B, Hkv, T].
 
-    With `stride = estimate_stride(T, m)` (what `LayerScores` uses) the far part samples a fixed
-    number m of rows, and the whole estimate costs O((band + m + last) T): linear in T.
+    `LayerScores` uses a fixed stride (`ESTIMATE_STRIDE`): a fixed share of the far rows, so the far
+    part still grows like T^2, 1/stride of the exact pass's logits. `stride = estimate_stride(T, m)`
+    samples a fixed number m of rows instead, linear in T, but its agreement with the exact statistic
+    falls as T grows (docs/BENCHMARKS.md section 8).
 
     Most of a key's attention comes from the queries just after it (local attention), and that part
     is computed exactly for every query with the prefill's log-normalisers (`near_attention`); what
@@ -469,11 +556,11 @@ class LayerScores:
             self.seconds += time.perf_counter() - start
         return self._memo[name]
 
-    def aggregated_attention(self, statistic: str = "exact", rows: int = ESTIMATE_ROWS) -> torch.Tensor:
+    def aggregated_attention(self, statistic: str = "exact", stride: int = ESTIMATE_STRIDE) -> torch.Tensor:
         """[B, Hkv, T]: attention each key received, summed over all prompt queries.
 
         `statistic="exact"`: every query (the fused or the chunked pass); `"estimated"`:
-        `aggregated_attention_estimated` sampling about `rows` far query rows, which needs the prefill's
+        `aggregated_attention_estimated` sampling every `stride`-th far query row, which needs the prefill's
         log-normalisers and falls back to the exact pass where the engine could not keep them (masked
         or sliding-window prefills, devices other than the CPU, see `kernels.available`).
         """
@@ -481,10 +568,9 @@ class LayerScores:
             raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         if statistic == "estimated" and self.lse is not None:
             return self._memoised(
-                ("aggregated", "estimated", rows),
+                ("aggregated", "estimated", stride),
                 lambda: aggregated_attention_estimated(
-                    self.query, self.key, self.scaling, self.lse, stride=estimate_stride(self.key.shape[-2], rows),
-                    band=ESTIMATE_BAND,
+                    self.query, self.key, self.scaling, self.lse, stride=stride, band=ESTIMATE_BAND,
                     last=ESTIMATE_LAST, chunk=self.chunk,
                 ),
             )
