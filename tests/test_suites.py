@@ -23,3 +23,14 @@ def test_given_methods_replace_the_suites_own():
     settings = COMPARE.settings([MethodSpec("h2o")], [0.5])
     assert [spec.name for spec in settings.methods] == ["h2o"] and settings.budgets == [0.5]
     assert [spec.name for spec in QUICK.settings().methods] == list(PAPER_COMPARISON)
+
+
+def test_all_beside_other_method_specs_adds_them_once():
+    from kvmerger.cli.eval import method_specs
+    from kvmerger.evaluation.runner import all_methods
+
+    every = all_methods()
+    assert method_specs(["all"]) == every
+    specs = method_specs(["all", "kvmerger:mode=paper", "h2o"])
+    assert specs == every + [MethodSpec("kvmerger", {"mode": "paper"})]
+    assert method_specs(["h2o", "h2o"]) == [MethodSpec("h2o")]

@@ -151,14 +151,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def method_specs(texts: list[str] | None):
-    """MethodSpecs from --methods: None when not given (the default set), every registered method for "all"."""
+    """MethodSpecs from --methods: None when not given (the default set); "all", alone or beside other specs,
+    stands for every registered method; a spec given twice runs once."""
     from kvmerger.evaluation.runner import MethodSpec, all_methods
 
     if texts is None:
         return None
-    if texts == ["all"]:
-        return all_methods()
-    return [MethodSpec.parse(text) for text in texts]
+    specs: list[MethodSpec] = []
+    for text in texts:
+        for spec in all_methods() if text == "all" else [MethodSpec.parse(text)]:
+            if spec not in specs:  # "all kvmerger" runs KVMerger once
+                specs.append(spec)
+    return specs
 
 
 def plural(count: int, noun: str) -> str:
