@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {describe_machine(info)}; medians of {args.repeats}")
     estimate = estimate_seconds(args.lengths, args.dtypes, len(methods), args.repeats)
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)}")
-    for label, reason in skipped.items():
-        print(f"# skipped {label}: {reason}")
+    for name, reason in skipped.items():
+        print(f"# skipped {name}: {reason}")
     rows, source_rows = [], []
     for dtype in args.dtypes:
         model, tokenizer = load_model(args.model, dtype=dtype)
@@ -264,11 +264,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(summarise(dtype, length, label(method), samples[label(method)]))
                 print(format_row(rows[-1]), flush=True)
             if args.sources or args.sources_only:
-                for label, runs in measure_sources(model, tokenizer, ids, args.repeats).items():
-                    source_rows.append(summarise_source(dtype, length, label, runs))
+                for source, runs in measure_sources(model, tokenizer, ids, args.repeats).items():
+                    source_rows.append(summarise_source(dtype, length, source, runs))
                     row = source_rows[-1]
                     print(
-                        f"{dtype:<9} {length:>6} source {label:<24} {row['source_s']:8.2f}s  "
+                        f"{dtype:<9} {length:>6} source {source:<24} {row['source_s']:8.2f}s  "
                         f"/ prefill {row['source_ratio']:.3f}",
                         flush=True,
                     )

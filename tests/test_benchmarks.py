@@ -105,6 +105,19 @@ def test_overhead_times_every_score_source_on_a_tiny_model(tiny_llama, random_id
     assert fit["source_exponent"] == pytest.approx(1.0) and rows[0]["source_ratio"] == pytest.approx(0.01)
 
 
+def test_overhead_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, tmp_path, capsys):
+    from tests.conftest import CharTokenizer
+
+    monkeypatch.setattr(overhead, "load_model", lambda name, dtype: (tiny_llama, CharTokenizer()))
+    monkeypatch.setattr(overhead, "essay_ids", lambda tokenizer, n: torch.randint(0, 128, (1, n)))
+    out = tmp_path / "overhead.json"
+    overhead.main(["--lengths", "64", "96", "--dtypes", "float32", "--repeats", "1", "--methods", "h2o",
+                   "kvmerger:statistic=estimated", "nope", "--sources", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "# skipped nope" in printed and "h2o@0.5" in printed and "source window" in printed
+    assert out.exists()
+
+
 def test_fresh_statistics_make_every_method_pay_its_own_scoring(tiny_llama, random_ids):
     prefill = record_prefill(tiny_llama, random_ids)
     first, _ = compress_prefill(prefill, get_method("kvmerger", budget=0.5))
