@@ -40,11 +40,12 @@ def causal_attention_with_lse(
 
 
 def masked_attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, additive_mask: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, additive_mask: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention under an additive mask (broadcast over batch and heads), and each row's lse.
+    """Softmax attention under an additive mask, and each row's log-normaliser (not causal).
 
-    query: [B, H, J, d]; key, value: [B, H, I, d]; additive_mask: [J, I] in the query's dtype
-    (0 where allowed, a large negative number where not). Returns output [B, H, J, d] and lse [B, H, J].
+    query: [B, H, J, d]; key, value: [B, H, I, d]; additive_mask: broadcastable to [B, H, J, I], in the
+    query's dtype (0 where allowed, a large negative number where not), or None. Returns output
+    [B, H, J, d] and lse [B, H, J].
     """
     return _flash_op()(query, key, value, 0.0, False, attn_mask=additive_mask, scale=scaling)

@@ -95,6 +95,7 @@ from typing import ClassVar
 
 import torch
 
+from kvmerger.engine import kernels
 from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, finite_as, row_scale, top_indices
 
@@ -165,10 +166,10 @@ def check_reference(source: str) -> None:
 class Targets:
     """What the full cache gives each reference query (only over the keys it may see)."""
 
-    shift: torch.Tensor  # [N, R]: max logit per query, subtracted on both sides of the mass equation
+    shift: torch.Tensor  # [N, R]: a per-query logit shift (the max, or the log-normaliser), subtracted on both sides
     mass: torch.Tensor  # [N, R]: sum_t exp(logit_t - shift)
     outputs: torch.Tensor  # [N, R, dv]: attention outputs, in units of the row's value scale
-    attention_rms: torch.Tensor  # [N, T]: RMS over queries of each key's attention probability
+    attention_rms: torch.Tensor | None  # [N, T]: RMS over queries of each key's attention probability
     visible: torch.Tensor  # [N, R] bool: the query sees at least one token
 
 
@@ -185,12 +186,20 @@ def full_cache_targets(
     values: torch.Tensor,
     token_from: torch.Tensor | None,
     chunk: int = QUERY_CHUNK,
+    *,
+    with_rms: bool = True,
 ) -> Targets:
     """Mass, outputs and per-key RMS attention of the full cache, in chunks of reference queries.
 
     keys [N, T, d], values [N, T, dv] (values already divided by their row scale); `token_from`
     [N, T] is the first query position that may see each token (None: every query sees every token).
+    Without the RMS (`with_rms=False`, what the fitted merge needs) and where torch's fused CPU
+    kernel runs (`kernels.available`, dv = d), one flash pass gives the outputs and each query's
+    log-normaliser, which is then the shift (so the mass is 1): the same equations, as the fits
+    divide each query's equation by its mass or normalise its row.
     """
+    if not with_rms and keys.shape[-1] == values.shape[-1] and kernels.available(keys.device, torch.float32):
+        return _fused_targets(ref, keys, values, token_from)
     rows, length, _ = keys.shape
     count = ref.queries.shape[1]
     keys_t = keys.float().transpose(1, 2)
@@ -214,6 +223,20 @@ def full_cache_targets(
         outputs[:, part] = torch.bmm(probabilities, values.float())
         squares += probabilities.square().sum(dim=1)
     return Targets(shift, mass, outputs, (squares / count).sqrt(), mass > 0)
+
+
+def _fused_targets(ref: ReferenceQueries, keys: torch.Tensor, values: torch.Tensor, token_from: torch.Tensor | None) -> Targets:
+    seen = visibility(token_from, ref.positions)  # [N, R, T] or None
+    mask = None
+    if seen is not None:
+        mask = torch.zeros(seen.shape, dtype=torch.float32, device=keys.device).masked_fill_(~seen, -1e30).unsqueeze(1)
+    outputs, lse = kernels.masked_attention_with_lse(
+        ref.queries.unsqueeze(1), keys.float().unsqueeze(1), values.float().unsqueeze(1), mask, 1.0
+    )  # the queries carry the attention scaling already
+    visible = seen.any(dim=-1) if seen is not None else torch.ones_like(lse[:, 0], dtype=torch.bool)
+    shift = torch.where(visible, lse[:, 0].float(), torch.zeros_like(lse[:, 0]))
+    outputs = outputs[:, 0].float().masked_fill(~visible.unsqueeze(-1), 0.0)
+    return Targets(shift, visible.float(), outputs, None, visible)
 
 
 def slot_features(

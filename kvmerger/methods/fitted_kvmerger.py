@@ -173,7 +173,7 @@ class FittedKVMerger(CompressionMethod):
         scale = row_scale(values)
         ref = reference_queries(layer.scores, self.reference_queries, self.recent_queries, self.seed, self.reference)
         token_from = set_end.gather(1, sets.segment) if self.causal else None
-        targets = full_cache_targets(ref, keys, values.float() / scale, token_from)
+        targets = full_cache_targets(ref, keys, values.float() / scale, token_from, with_rms=False)
         features = slot_features(ref, slot_keys, targets.shift, set_end if self.causal else None)
 
         prior = sizes.float()
