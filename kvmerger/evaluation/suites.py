@@ -1,30 +1,29 @@
 """Named suites: which methods, tasks, lengths and sample counts `kvmerger compare` runs.
 
-`compare` was sized to finish in under 15 minutes on a 2-core CPU with the default model
-(SmolLM2-135M-Instruct) before issue 12 added methods; as defined now it does NOT: on 2026-12-01
-its sample groups cost, on the otherwise idle 2-core VM, 65 s (pass key), 45 / 76 / 131 s (needle
-at 1k / 2k / 4k) and 62 s (LM) each, about 28 minutes in all with the compress-once task (the run
-was stopped at 417 of 483 cells; the rest estimated). It runs the full cache, KVMerger (the paper's) and its best variant, and the
+`compare` must finish in under 15 minutes on a 2-core CPU with the default model
+(SmolLM2-135M-Instruct). It runs the full cache, KVMerger (the paper's) and its best variant, and the
 baselines of docs/METHOD.md section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-norm, random) plus
 KVzip and Expected Attention, at budgets 0.5 and 0.35, under both protocols. What costs time is one
-prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k there), one pass of
-attention statistics per sample (about 0.25-0.6 of a prefill, shared by every method through the
-memo), KVzip's reconstruction (about two prefills per sample, shared by the methods that use it),
-the fitted merge's least-squares fits (about one prefill per sample and budget), then per method
-and budget a compression (0.02-0.5 s) and the answer's decoding (about 50 ms per token). So the
-sample count matters more than the method count, and the suite keeps few, informative samples:
+prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k on that VM), one pass of
+attention statistics per sample (shared by every method through the memo), KVzip's reconstruction
+(about 2.4 prefills per sample, shared by the methods that use it), the fitted merge's
+least-squares fits, then per method and budget a compression (0.02-0.5 s) and the answer's
+decoding (about 50 ms per token). So the sample count matters more than the method count. With
+the methods of issue 12 a sample group cost 65 s (pass key at 2k), 45 / 76 / 131 s (needle at 1k /
+2k / 4k) and 62 s (an LM window) on 2026-12-01, and the suite with 5 pass keys, 3 needle depths per
+length, 4 LM windows and 3 compress-once prompts took about 28 minutes. To fit in 15 the samples
+were halved again (tasks, lengths and methods kept):
 
-* passkey: 5 depths at 2,048 tokens (plain completion prompt), query-aware.
-* needle: 1,024, 2,048 and 4,096 tokens x 3 depths (0, 50, 100%), query-aware.
-* lm: 4 windows (2 of essays, 2 of Shakespeare) of 2,048 prefix tokens, the next 256 tokens scored.
-* passkey:keys=3: 3 prompts at 2,048 tokens holding three pass keys, compressed once before any
+* passkey: 3 depths at 2,048 tokens (plain completion prompt), query-aware.
+* needle: 1,024, 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
+* lm: 2 windows (one of essays, one of Shakespeare) of 2,048 prefix tokens, the next 256 scored.
+* passkey:keys=3: 2 prompts at 2,048 tokens holding three pass keys, compressed once before any
   question (query-agnostic), then each key asked on its own copy of the compressed cache.
 
-The needle grid had 5 depths before KVzip, Expected Attention, the fitted variant and the
-compress-once task joined; two were dropped (samples, not tasks or methods), which was not enough:
-halving the samples again, or `--methods` without kvzip (its repeat pass costs about 2.4 prefills
-per sample), is what a 15-minute suite needs. `--methods all` runs every registered method.
-`quick` is the same pipeline at toy sizes, to check an installation or a change end to end.
+These are few samples: a cell of the table moves by a whole sample's share (1/3 on the pass key,
+1 on a needle length). `kvmerger eval` with `--samples` runs the same tasks at any size;
+`--methods all` runs every registered method. `quick` is the same pipeline at toy sizes, to check
+an installation or a change end to end.
 """
 
 from __future__ import annotations
@@ -87,14 +86,14 @@ class Suite:
 
 COMPARE = Suite(
     "compare",
-    "pass key at 2k tokens x 5 depths, needle grid 1k/2k/4k x 3 depths, language modelling on 4 windows of "
-    "2k tokens + 256 (query-aware); three pass keys in 2k tokens x 3, compressed once and asked one at a time "
+    "pass key at 2k tokens x 3 depths, needle at 1k/2k/4k tokens and depth 50%, language modelling on 2 windows "
+    "of 2k tokens + 256 (query-aware); three pass keys in 2k tokens x 2, compressed once and asked one at a time "
     "(query-agnostic)",
     (
-        SuiteTask("passkey", (2048,), 5),
-        SuiteTask("needle", (1024, 2048, 4096), 3),
-        SuiteTask("lm", (2048,), 4),
-        SuiteTask("passkey:keys=3", (2048,), 3, protocols=("query-agnostic",)),
+        SuiteTask("passkey", (2048,), 3),
+        SuiteTask("needle", (1024, 2048, 4096), 1),
+        SuiteTask("lm", (2048,), 2),
+        SuiteTask("passkey:keys=3", (2048,), 2, protocols=("query-agnostic",)),
     ),
     methods=tuple(compare_methods()),
 )
