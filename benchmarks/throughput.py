@@ -26,7 +26,7 @@ model plus X GiB: a machine with X GiB for inference above the model. `generate(
 ``--cap-new-tokens`` tokens; a run that fails to allocate reports "out of memory" with the error.
 X is the caller's choice of machine size; the table prints it.
 
-    python benchmarks/throughput.py                       # batches 1 4 8 16, 2048 tokens, 128 new
+    python benchmarks/throughput.py                       # batches 1 4 8 16, 2048 tokens, 128 new (~40 min)
     python benchmarks/throughput.py --batches --cap-batch 16 --length 512 --cap-gib 0.5   # only the capped runs
     python benchmarks/throughput.py --batches 2 --length 256 --new-tokens 8 --configs full kvmerger@0.35  # a quick check
 """
@@ -397,9 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the configurations must include 'full' (every ratio is taken against it)")
     common = {"model": args.model, "dtype": args.dtype, "length": args.length, "threads": args.threads}
     info = machine()
-    scale = args.length / 2048  # rough, idle VM: ~4 s of prefill per 2k-token prompt, decode steps growing with the cache
+    # rough, fitted to the idle 2-core VM of 2026-12-01 (batches 1, 4 and 16 took 4, 7 and 9.3 min for 4, 4 and 2
+    # configurations): ~12 s of prefill per 2k-token prompt, decode steps growing with the batch's cache, ~15 s per child
+    scale = args.length / 2048
     estimate = len(args.configs) * sum(
-        batch * 4.0 * scale**1.3 + args.new_tokens * (0.03 + 0.01 * batch * scale) for batch in args.batches
+        15.0 + batch * 12.0 * scale**1.3 + args.new_tokens * (0.1 + 0.035 * batch * scale) for batch in args.batches
     )
     print(f"# {describe_machine(info)}; {args.dtype}, prompts of {args.length} tokens and shorter, {args.new_tokens} new")
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)} (+ the capped runs)", flush=True)
