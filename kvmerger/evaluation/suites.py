@@ -12,7 +12,8 @@ decoding (about 50 ms per token). So the sample count matters more than the meth
 the methods of issue 12 a sample group cost 65 s (pass key at 2k), 45 / 76 / 131 s (needle at 1k /
 2k / 4k) and 62 s (an LM window) on 2026-12-01, and the suite with 5 pass keys, 3 needle depths per
 length, 4 LM windows and 3 compress-once prompts took about 28 minutes. To fit in 15 the samples
-were halved again (tasks, lengths and methods kept):
+were halved again (tasks, lengths and methods kept; 230 cells in 11 min 36 s on the idle VM,
+2026-12-01, model loading included):
 
 * passkey: 3 depths at 2,048 tokens (plain completion prompt), query-aware.
 * needle: 1,024, 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
