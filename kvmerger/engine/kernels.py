@@ -40,12 +40,15 @@ def causal_attention_with_lse(
 
 
 def masked_attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, additive_mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention under an additive mask, and each row's log-normaliser (not causal).
+    """Softmax attention where `allowed` says which keys each query may see, and each row's log-normaliser.
 
-    query: [B, H, J, d]; key, value: [B, H, I, d]; additive_mask: broadcastable to [B, H, J, I], in the
-    query's dtype (0 where allowed, a large negative number where not), or None. Returns output
+    query: [B, H, J, d]; key, value: [B, H, I, d]; allowed: bool, broadcastable to [B, H, J, I], or None
+    (every key). A row that may see no key gets a log-normaliser near -1e30. Returns output
     [B, H, J, d] and lse [B, H, J].
     """
-    return _flash_op()(query, key, value, 0.0, False, attn_mask=additive_mask, scale=scaling)
+    additive = None
+    if allowed is not None:  # the kernel takes the mask as logits added in the query's dtype
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -1e30)
+    return _flash_op()(query, key, value, 0.0, False, attn_mask=additive, scale=scaling)

@@ -142,15 +142,14 @@ def _masked_column_sums(
     by one coordinate (1 for the keys, log_weights_i / s for the queries) so that every logit is
     s k_j.q_i + log_weights_i; with log_weights_i = -lse_i that is log P[i, j] <= 0, nothing can
     overflow, and the sum is the exp of the log-normaliser the kernel returns (its output is unused).
-    `allowed` [J, I] bool is applied as an additive mask; a key with no allowed query gets 0.
+    `allowed` [J, I] bool says which queries each key may receive from; a key with none gets 0.
     Returns [B, H, J] float32.
     """
     ones = keys.new_ones(*keys.shape[:-1], 1)
     extended_keys = torch.cat([keys, ones], dim=-1)
     extended_queries = torch.cat([queries, (log_weights / scaling).unsqueeze(-1).to(queries.dtype)], dim=-1)
-    additive = torch.zeros(allowed.shape, dtype=queries.dtype, device=queries.device).masked_fill_(~allowed, -1e30)
     _, normaliser = kernels.masked_attention_with_lse(
-        extended_keys, extended_queries, torch.zeros_like(extended_queries), additive, scaling
+        extended_keys, extended_queries, torch.zeros_like(extended_queries), allowed, scaling
     )
     return normaliser.float().exp().masked_fill(~allowed.any(dim=-1), 0.0)
 
@@ -234,13 +233,14 @@ def far_attention_sample(
     if fused is None:
         fused = kernels.available(key.device, torch.float32)
     rows, weights = sampled_rows(query.shape[-2], stride, last, key.device)
-    far = _far_attention_fused if fused else _far_attention_chunked
-    return far(query, key, scaling, lse, band, rows, weights, chunk)
+    if fused:
+        return _far_attention_fused(query, key, scaling, lse, band, rows, weights)
+    return _far_attention_chunked(query, key, scaling, lse, band, rows, weights, chunk)
 
 
 def _far_attention_fused(
     query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, band: int,
-    rows: torch.Tensor, row_weights: torch.Tensor, chunk: int,
+    rows: torch.Tensor, row_weights: torch.Tensor,
 ) -> torch.Tensor:
     batch, q_heads, length, dim = query.shape
     group = q_heads // key.shape[1]

@@ -227,11 +227,9 @@ def full_cache_targets(
 
 def _fused_targets(ref: ReferenceQueries, keys: torch.Tensor, values: torch.Tensor, token_from: torch.Tensor | None) -> Targets:
     seen = visibility(token_from, ref.positions)  # [N, R, T] or None
-    mask = None
-    if seen is not None:
-        mask = torch.zeros(seen.shape, dtype=torch.float32, device=keys.device).masked_fill_(~seen, -1e30).unsqueeze(1)
     outputs, lse = kernels.masked_attention_with_lse(
-        ref.queries.unsqueeze(1), keys.float().unsqueeze(1), values.float().unsqueeze(1), mask, 1.0
+        ref.queries.unsqueeze(1), keys.float().unsqueeze(1), values.float().unsqueeze(1),
+        None if seen is None else seen.unsqueeze(1), 1.0,
     )  # the queries carry the attention scaling already
     visible = seen.any(dim=-1) if seen is not None else torch.ones_like(lse[:, 0], dtype=torch.bool)
     shift = torch.where(visible, lse[:, 0].float(), torch.zeros_like(lse[:, 0]))
