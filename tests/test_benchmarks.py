@@ -14,6 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import answer_recall  # noqa: E402
 import attention_share  # noqa: E402
 import decode_speed  # noqa: E402
 import finite_check  # noqa: E402
@@ -29,6 +30,7 @@ import throughput  # noqa: E402
 
 from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
 from kvmerger.evaluation.tasks import Sample, get_task  # noqa: E402
+from kvmerger.evaluation.tasks.base import Question  # noqa: E402
 from kvmerger.evaluation.tasks.language_modeling import LanguageModeling  # noqa: E402
 from kvmerger.methods import FullCache  # noqa: E402
 from kvmerger.methods.base import slots_for_budget  # noqa: E402
@@ -458,3 +460,44 @@ def test_statistic_agreement_refuses_prompts_that_take_the_chunked_pass(tiny_lla
         statistic_agreement.agreement(record_prefill(tiny_llama, random_ids), [get_method("h2o", budget=0.5)])
     with pytest.raises(SystemExit):
         statistic_agreement.main(["--length", "1024"])
+
+
+# --------------------------------------------------------------------------------------------
+# answer_recall.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_answer_recall_finds_every_occurrence_of_every_answer():
+    from tests.conftest import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    ids = tokenizer("key 123. again 123 and 45").input_ids
+    positions = answer_recall.answer_positions(ids, tokenizer, ["123", "45"])
+    assert positions == [3, 4, 5, 6, 14, 15, 16, 17, 22, 23, 24]  # " 123" twice and " 45", each with its space
+
+
+def test_answer_recall_counts_the_answer_tokens_in_each_heads_top():
+    scores = torch.tensor([[[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]]])  # [1, 2 heads, 5]
+    recall = answer_recall.recall_in_top(scores, [0, 1], slots=2)
+    assert recall.tolist() == [1.0, 0.0]
+    assert answer_recall.recall_in_top(scores, [1, 4], slots=2).tolist() == [0.5, 0.5]
+
+
+def test_answer_recall_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, tmp_path, capsys):
+    from tests.conftest import CharTokenizer
+
+    monkeypatch.setattr(answer_recall, "load_model", lambda name: (tiny_llama, CharTokenizer()))
+    filler = "".join(chr(97 + (7 * i) % 26) for i in range(300))
+    context = filler[:100] + " red 4711. " + filler[100:200] + " blue 8093. " + filler[200:]
+    questions = [Question("blue?", ["8093"])]
+    sample = Sample("passkey", context, "red?", ["4711"], more=questions)
+    monkeypatch.setattr(answer_recall, "task_samples", lambda task, tokenizer, length, count, seed: [sample] * count)
+    out = tmp_path / "recall.json"
+    answer_recall.main(["--tasks", "passkey:keys=2", "--length", "400", "--samples", "2", "--budgets", "1.0", "0.2",
+                        "--sources", "aggregated", "window", "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["source"], row["budget"]) for row in rows} == {(s, b) for s in ("aggregated", "window") for b in (1.0, 0.2)}
+    assert all(row["recall"] == 1.0 and row["whole"] == 1.0 for row in rows if row["budget"] == 1.0)  # everything kept
+    assert all(row["recall"] < 1.0 for row in rows if row["budget"] == 0.2)
+    assert "| passkey:keys=2 | window | 0.2 |" in printed

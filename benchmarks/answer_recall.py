@@ -1,0 +1,141 @@
+"""Do the score sources rank the answer's tokens high? The share of them in each head's top budget.
+
+A method that keeps each KV head's S highest-scored tokens can only answer from what it kept. This
+script prefills a task's samples (the context alone for the compress-once protocol, context and
+question for the query-aware one) and, for every score source (`engine.scoring.SCORE_SOURCES`),
+reports over all layers and KV heads:
+
+* `recall`: the share of the answer's tokens in the context (every occurrence of every answer,
+  found by their token ids) that are among the head's S = ceil(budget x T) highest-scored tokens;
+  a score blind to the answer keeps about `budget` of them;
+* `whole`: the share of (layer, head) pairs that keep every one of them.
+
+Answers must appear verbatim in the context: pass key (one or several keys) and RULER's NIAH.
+Nothing here is tuned; it shows why evicting by a score loses what a later question needs.
+
+    python benchmarks/answer_recall.py                       # pass key with 3 keys, compress-once, 0.35
+    python benchmarks/answer_recall.py --tasks ruler-niah --protocol query-aware --budgets 0.5 0.35 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from kvmerger import load_model, record_prefill
+from kvmerger.evaluation.runner import parse_spec
+from kvmerger.engine.scoring import SCORE_SOURCES
+from kvmerger.evaluation.tasks import Sample, get_task
+from kvmerger.methods.base import slots_for_budget
+
+from measure import RESULTS, describe_machine, machine, minutes, write_results  # noqa: E402
+
+PROTOCOLS = ("query-agnostic", "query-aware")
+
+
+def answer_positions(ids: list[int], tokenizer, answers: list[str]) -> list[int]:
+    """Positions in `ids` of every occurrence of each answer's tokens (tokenized with and without a
+    leading space, as it may follow a space or start a line)."""
+    found: set[int] = set()
+    for answer in answers:
+        for text in (answer, " " + answer):
+            pattern = list(tokenizer(text, add_special_tokens=False).input_ids)
+            for start in range(len(ids) - len(pattern) + 1):
+                if ids[start : start + len(pattern)] == pattern:
+                    found.update(range(start, start + len(pattern)))
+    return sorted(found)
+
+
+def prompt_ids(tokenizer, sample: Sample, protocol: str) -> torch.Tensor:
+    """The prompt the runner compresses: the context, then (query-aware) the first question."""
+    ids = list(tokenizer(sample.context, add_special_tokens=True).input_ids)
+    if protocol == "query-aware":
+        ids += list(tokenizer(sample.question, add_special_tokens=False).input_ids)
+    return torch.tensor([ids])
+
+
+def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int) -> torch.Tensor:
+    """[Hkv]: per KV head of one layer's scores [1, Hkv, T], the share of `positions` among its top `slots`."""
+    top = scores[0].topk(slots, dim=-1).indices
+    kept = torch.zeros_like(scores[0], dtype=torch.bool).scatter_(1, top, True)
+    return kept[:, positions].float().mean(dim=1)
+
+
+def measure_sample(model, tokenizer, sample: Sample, protocol: str, sources: list[str], budgets: list[float]) -> list[dict]:
+    """One row per source and budget for one sample: recall and whole, averaged over layers and heads."""
+    ids = prompt_ids(tokenizer, sample, protocol)
+    answers = [answer for question in sample.questions() for answer in question.answers]
+    positions = answer_positions(ids[0].tolist(), tokenizer, answers)
+    if not positions:
+        raise ValueError(f"no answer of this {sample.task} sample appears verbatim in its prompt: {answers}")
+    prefill = record_prefill(model, ids, tokenizer=tokenizer)
+    length = ids.shape[1]
+    rows = []
+    for source in sources:
+        per_layer = [layer.source(source) for layer in prefill.scores if layer is not None]
+        for budget in budgets:
+            slots = slots_for_budget(length, budget)
+            recalls = torch.stack([recall_in_top(scores, positions, slots) for scores in per_layer])
+            rows.append({
+                "source": source, "budget": budget, "tokens": length, "answer_tokens": len(positions),
+                "recall": recalls.mean().item(), "whole": (recalls == 1).float().mean().item(),
+            })
+    return rows
+
+
+def task_samples(task, tokenizer, length: int, count: int, seed: int) -> list[Sample]:
+    """The task's samples, as `kvmerger eval` draws them for this length, count and seed."""
+    return task.samples(tokenizer, length, count, seed)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean recall and whole over the samples, per source and budget."""
+    keys = sorted({(row["source"], row["budget"]) for row in rows}, key=lambda key: (-key[1], key[0]))
+    summary = []
+    for source, budget in keys:
+        mine = [row for row in rows if row["source"] == source and row["budget"] == budget]
+        summary.append({
+            "source": source, "budget": budget, "samples": len(mine),
+            "recall": statistics.mean(row["recall"] for row in mine),
+            "whole": statistics.mean(row["whole"] for row in mine),
+        })
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tasks", nargs="+", default=["passkey:keys=3"], help="tasks whose answers are in the context")
+    parser.add_argument("--protocol", default="query-agnostic", choices=PROTOCOLS)
+    parser.add_argument("--sources", nargs="+", default=list(SCORE_SOURCES), choices=SCORE_SOURCES)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.35])
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "answer_recall.json")
+    args = parser.parse_args(argv)
+    tasks = [get_task(name, **params) for name, params in map(parse_spec, args.tasks)]
+    model, tokenizer = load_model(args.model)
+    info = machine()
+    print(f"# {describe_machine(info)}; {args.protocol}; {args.length} tokens, {args.samples} samples, seed {args.seed}")
+    per_sample = 5.0 + (25.0 if "reconstruction" in args.sources else 3.0)  # seconds at 2k on the idle 2-core VM
+    print(f"# expected runtime on the idle 2-core VM: about {minutes(len(tasks) * args.samples * per_sample * (args.length / 2048) ** 1.5)}")
+    print("| task | source | budget | recall of the answer's tokens | heads keeping all of them |")
+    print("|---|---|---|---|---|")
+    results = []
+    for spec, task in zip(args.tasks, tasks, strict=True):
+        rows = []
+        for sample in task_samples(task, tokenizer, args.length, args.samples, args.seed):
+            rows += measure_sample(model, tokenizer, sample, args.protocol, args.sources, args.budgets)
+        for row in summarise(rows):
+            print(f"| {spec} | {row['source']} | {row['budget']} | {row['recall']:.2f} | {row['whole']:.2f} |", flush=True)
+            results.append({"task": spec, **row})
+    write_results(args.out, {"machine": info, "settings": vars(args) | {"out": str(args.out)}, "rows": results})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
