@@ -58,7 +58,7 @@ from kvmerger.evaluation.tasks.language_modeling import LanguageModeling
 from kvmerger.methods import FullCache
 from kvmerger.models import converted_gguf, default_gguf_path
 
-from kvpress_side import NO_PRESS, PRESSES  # noqa: E402  (beside this script; imports no kvpress)
+from kvpress_side import NO_PRESS, OPT_IN_PRESSES, PRESSES  # noqa: E402  (beside this script; imports no kvpress)
 from measure import RESULTS, describe_machine, machine, minutes, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=None, help="kvmerger specs, e.g. kvmerger:size_bias=True (default: all)"
     )
-    parser.add_argument("--presses", nargs="+", default=list(PRESSES), choices=list(PRESSES))
+    parser.add_argument(
+        "--presses", nargs="+", default=[name for name in PRESSES if name not in OPT_IN_PRESSES], choices=list(PRESSES),
+        help=f"kvpress presses to run (default: all but {', '.join(OPT_IN_PRESSES)}, which only run when named)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--venv", type=Path, default=REPOSITORY / ".venv-kvpress")
     parser.add_argument("--rebuild-venv", action="store_true", help="rebuild kvpress's environment from scratch")

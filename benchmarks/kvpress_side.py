@@ -49,7 +49,12 @@ PRESSES: dict[str, str] = {
     "ObservedAttention": "ObservedAttentionPress",
     "TOVA": "TOVAPress",
     "Merging(K-norm)": "MergingPress",
+    "KVzip": "KVzipPress",
 }
+# Run only when named: kvpress 0.5.5's KVzipPress masks the evicted pairs instead of removing them (its
+# cache keeps every slot, so the slot check fails) and shares each layer's budget across its heads, a
+# different rule from kvmerger's kvzip (the same count per head); and it prefills the context 2-3 times.
+OPT_IN_PRESSES = ("KVzip",)
 NEEDS_EAGER = {"ObservedAttention"}  # it reads the attention weights, which only eager attention returns
 NO_PRESS = "no press"
 KL_QUANTILE = 0.99  # as kvmerger's LanguageModeling (language_modeling.KL_QUANTILE; this side cannot import kvmerger)
@@ -76,6 +81,8 @@ def build_press(name: str, ratio: float):
         return None
     if name == "Merging(K-norm)":
         return kvpress.MergingPress(press=kvpress.KnormPress(compression_ratio=ratio))
+    if name == "KVzip":  # every layer the same ratio, as kvmerger's kvzip (kvpress's default ranks across layers)
+        return kvpress.KVzipPress(compression_ratio=ratio, layerwise=True)
     return getattr(kvpress, PRESSES[name])(compression_ratio=ratio)
 
 
