@@ -218,14 +218,17 @@ def format_fit(fit: dict) -> str:
     )
 
 
-def estimate_seconds(lengths: list[int], dtypes: list[str], methods: int, repeats: int) -> float:
-    """A rough runtime on the 2-core VM, from prefill speeds measured there."""
+def estimate_seconds(lengths: list[int], dtypes: list[str], methods: int, repeats: int, sources: bool = False) -> float:
+    """A rough runtime on the 2-core VM, from prefill speeds measured there. The score sources cost
+    about 7 prefills a repeat: their own two, and KVzip's reconstruction alone about 4 (measured
+    2026-12-01, idle VM)."""
     total = 0.0
     for dtype in dtypes:
         slowdown = BF16_SLOWDOWN if dtype == "bfloat16" else 1.0
         for length in lengths:
             prefill = PREFILL_SECONDS_2K * (length / 2048) ** 1.3 * slowdown
             total += repeats * (2 * prefill + methods * 0.4 * prefill * (length / 2048) ** 0.4)
+            total += repeats * 7 * prefill if sources else 0.0
     return total
 
 
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     methods, skipped = build_methods(names, args.budgets)
     info = machine()
     print(f"# {describe_machine(info)}; medians of {args.repeats}")
-    estimate = estimate_seconds(args.lengths, args.dtypes, len(methods), args.repeats)
+    estimate = estimate_seconds(args.lengths, args.dtypes, len(methods), args.repeats, args.sources or args.sources_only)
     print(f"# expected runtime on the 2-core VM: about {minutes(estimate)}")
     for name, reason in skipped.items():
         print(f"# skipped {name}: {reason}")

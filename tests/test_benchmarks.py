@@ -501,3 +501,9 @@ def test_answer_recall_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, 
     assert all(row["recall"] == 1.0 and row["whole"] == 1.0 for row in rows if row["budget"] == 1.0)  # everything kept
     assert all(row["recall"] < 1.0 for row in rows if row["budget"] == 0.2)
     assert "| passkey:keys=2 | window | 0.2 |" in printed
+
+
+def test_overhead_runtime_estimate_counts_the_score_sources():
+    plain = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2)
+    with_sources = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2, sources=True)
+    assert with_sources == pytest.approx(plain + 2 * 7 * overhead.PREFILL_SECONDS_2K)
