@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "answer_recall.json")
     args = parser.parse_args(argv)
+    if not all(0.0 < budget <= 1.0 for budget in args.budgets):
+        parser.error(f"budgets are shares of the prompt kept, in (0, 1]; got {args.budgets}")
+    if args.samples < 1 or args.length < 2:
+        parser.error("--samples must be at least 1 and --length at least 2 tokens")
     tasks = [get_task(name, **params) for name, params in map(parse_spec, args.tasks)]
     model, tokenizer = load_model(args.model)
     info = machine()
@@ -129,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for spec, task in zip(args.tasks, tasks, strict=True):
         rows = []
-        for sample in task_samples(task, tokenizer, args.length, args.samples, args.seed):
+        samples = task_samples(task, tokenizer, args.length, args.samples, args.seed)
+        for number, sample in enumerate(samples, start=1):
             rows += measure_sample(model, tokenizer, sample, args.protocol, args.sources, args.budgets)
+            print(f"# {spec}: sample {number}/{len(samples)} done", file=sys.stderr, flush=True)
         for row in summarise(rows):
             print(f"| {spec} | {row['source']} | {row['budget']} | {row['recall']:.2f} | {row['whole']:.2f} |", flush=True)
             results.append({"task": spec, **row})

@@ -507,3 +507,9 @@ def test_overhead_runtime_estimate_counts_the_score_sources():
     plain = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2)
     with_sources = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2, sources=True)
     assert with_sources == pytest.approx(plain + 2 * 7 * overhead.PREFILL_SECONDS_2K)
+
+
+def test_answer_recall_refuses_budgets_outside_zero_to_one():
+    for budgets in (["0"], ["1.5"], ["-0.2"]):
+        with pytest.raises(SystemExit):
+            answer_recall.main(["--budgets", *budgets])
