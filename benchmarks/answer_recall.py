@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kvmerger import load_model, record_prefill
+from kvmerger.cli import options
 from kvmerger.evaluation.runner import parse_spec
 from kvmerger.engine.scoring import SCORE_SOURCES
 from kvmerger.evaluation.tasks import Sample, get_task
@@ -112,16 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["passkey:keys=3"], help="tasks whose answers are in the context")
     parser.add_argument("--protocol", default="query-agnostic", choices=PROTOCOLS)
     parser.add_argument("--sources", nargs="+", default=list(SCORE_SOURCES), choices=SCORE_SOURCES)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.35])
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--budgets", nargs="+", type=options.budget, default=[0.35])
+    parser.add_argument("--length", type=options.positive_int, default=2048)
+    parser.add_argument("--samples", type=options.positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "answer_recall.json")
     args = parser.parse_args(argv)
-    if not all(0.0 < budget <= 1.0 for budget in args.budgets):
-        parser.error(f"budgets are shares of the prompt kept, in (0, 1]; got {args.budgets}")
-    if args.samples < 1 or args.length < 2:
-        parser.error("--samples must be at least 1 and --length at least 2 tokens")
     tasks = [get_task(name, **params) for name, params in map(parse_spec, args.tasks)]
     model, tokenizer = load_model(args.model)
     info = machine()

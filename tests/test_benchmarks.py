@@ -120,6 +120,12 @@ def test_overhead_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, tmp_p
     assert out.exists()
 
 
+def test_overhead_runtime_estimate_counts_the_score_sources():
+    plain = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2)
+    with_sources = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2, sources=True)
+    assert with_sources == pytest.approx(plain + 2 * 7 * overhead.PREFILL_SECONDS_2K)
+
+
 def test_fresh_statistics_make_every_method_pay_its_own_scoring(tiny_llama, random_ids):
     prefill = record_prefill(tiny_llama, random_ids)
     first, _ = compress_prefill(prefill, get_method("kvmerger", budget=0.5))
@@ -501,12 +507,6 @@ def test_answer_recall_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, 
     assert all(row["recall"] == 1.0 and row["whole"] == 1.0 for row in rows if row["budget"] == 1.0)  # everything kept
     assert all(row["recall"] < 1.0 for row in rows if row["budget"] == 0.2)
     assert "| passkey:keys=2 | window | 0.2 |" in printed
-
-
-def test_overhead_runtime_estimate_counts_the_score_sources():
-    plain = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2)
-    with_sources = overhead.estimate_seconds([2048], ["float32"], methods=0, repeats=2, sources=True)
-    assert with_sources == pytest.approx(plain + 2 * 7 * overhead.PREFILL_SECONDS_2K)
 
 
 def test_answer_recall_refuses_budgets_outside_zero_to_one():
