@@ -15,6 +15,7 @@ Nothing here is tuned; it shows why evicting by a score loses what a later quest
 
     python benchmarks/answer_recall.py                       # pass key with 3 keys, compress-once, 0.35
     python benchmarks/answer_recall.py --tasks ruler-niah --protocol query-aware --budgets 0.5 0.35 0.1
+    python benchmarks/answer_recall.py --protocol query-aware --sources window --window-kernel 31 --window-pooling max
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 from kvmerger import load_model, record_prefill
 from kvmerger.cli import options
 from kvmerger.evaluation.runner import parse_spec
-from kvmerger.engine.scoring import SCORE_SOURCES
+from kvmerger.engine.scoring import POOL_KERNEL, POOLINGS, SCORE_SOURCES
 from kvmerger.evaluation.tasks import Sample, get_task
-from kvmerger.methods.base import slots_for_budget
+from kvmerger.methods.base import check_pooling, slots_for_budget
 
 from measure import RESULTS, describe_machine, machine, minutes, write_results  # noqa: E402
 
@@ -66,7 +67,17 @@ def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int) -> tor
     return kept[:, positions].float().mean(dim=1)
 
 
-def measure_sample(model, tokenizer, sample: Sample, protocol: str, sources: list[str], budgets: list[float]) -> list[dict]:
+def source_label(source: str, window_kernel: int, window_pooling: str) -> str:
+    """The source's name, with the window's pooling where it is not SnapKV's."""
+    if source == "window" and (window_kernel, window_pooling) != (POOL_KERNEL, "avg"):
+        return f"window ({window_pooling} {window_kernel})"
+    return source
+
+
+def measure_sample(
+    model, tokenizer, sample: Sample, protocol: str, sources: list[str], budgets: list[float],
+    window_kernel: int = POOL_KERNEL, window_pooling: str = "avg",
+) -> list[dict]:
     """One row per source and budget for one sample: recall and whole, averaged over layers and heads."""
     ids = prompt_ids(tokenizer, sample, protocol)
     answers = [answer for question in sample.questions() for answer in question.answers]
@@ -77,12 +88,13 @@ def measure_sample(model, tokenizer, sample: Sample, protocol: str, sources: lis
     length = ids.shape[1]
     rows = []
     for source in sources:
-        per_layer = [layer.source(source) for layer in prefill.scores if layer is not None]
+        pooled = {"window_kernel": window_kernel, "window_pooling": window_pooling}
+        per_layer = [layer.source(source, **pooled) for layer in prefill.scores if layer is not None]
         for budget in budgets:
             slots = slots_for_budget(length, budget)
             recalls = torch.stack([recall_in_top(scores, positions, slots) for scores in per_layer])
             rows.append({
-                "source": source, "budget": budget, "tokens": length, "answer_tokens": len(positions),
+                "source": source_label(source, window_kernel, window_pooling), "budget": budget, "tokens": length, "answer_tokens": len(positions),
                 "recall": recalls.mean().item(), "whole": (recalls == 1).float().mean().item(),
             })
     return rows
@@ -114,11 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", default="query-agnostic", choices=PROTOCOLS)
     parser.add_argument("--sources", nargs="+", default=list(SCORE_SOURCES), choices=SCORE_SOURCES)
     parser.add_argument("--budgets", nargs="+", type=options.budget, default=[0.35])
+    parser.add_argument("--window-kernel", type=options.positive_int, default=POOL_KERNEL, help="odd; SnapKV's 5")
+    parser.add_argument("--window-pooling", default="avg", choices=POOLINGS)
     parser.add_argument("--length", type=options.positive_int, default=2048)
     parser.add_argument("--samples", type=options.positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "answer_recall.json")
     args = parser.parse_args(argv)
+    try:
+        check_pooling(args.window_kernel, args.window_pooling, "--window-kernel", "--window-pooling")
+    except ValueError as error:
+        parser.error(str(error))
     tasks = [get_task(name, **params) for name, params in map(parse_spec, args.tasks)]
     model, tokenizer = load_model(args.model)
     info = machine()
@@ -132,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         samples = task_samples(task, tokenizer, args.length, args.samples, args.seed)
         for number, sample in enumerate(samples, start=1):
-            rows += measure_sample(model, tokenizer, sample, args.protocol, args.sources, args.budgets)
+            rows += measure_sample(
+                model, tokenizer, sample, args.protocol, args.sources, args.budgets, args.window_kernel, args.window_pooling
+            )
             print(f"# {spec}: sample {number}/{len(samples)} done", file=sys.stderr, flush=True)
         for row in summarise(rows):
             print(f"| {spec} | {row['source']} | {row['budget']} | {row['recall']:.2f} | {row['whole']:.2f} |", flush=True)

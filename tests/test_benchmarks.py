@@ -509,6 +509,33 @@ def test_answer_recall_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, 
     assert "| passkey:keys=2 | window | 0.2 |" in printed
 
 
+def test_answer_recall_pools_the_window_as_asked(tiny_llama, monkeypatch, tmp_path, capsys):
+    from kvmerger import record_prefill
+    from kvmerger.engine.scoring import pool_scores
+    from tests.conftest import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    monkeypatch.setattr(answer_recall, "load_model", lambda name: (tiny_llama, tokenizer))
+    context = "".join(chr(97 + (5 * i) % 26) for i in range(200)) + " key 4711. " + "xyz " * 20
+    sample = Sample("passkey", context, "key?", ["4711"])
+    monkeypatch.setattr(answer_recall, "task_samples", lambda task, tokenizer, length, count, seed: [sample] * count)
+    out = tmp_path / "recall.json"
+    answer_recall.main(["--tasks", "passkey", "--length", "300", "--samples", "1", "--budgets", "0.3", "--sources",
+                        "window", "--window-kernel", "31", "--window-pooling", "max", "--protocol", "query-aware",
+                        "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["source"] == "window (max 31)" and "| passkey | window (max 31) | 0.3 |" in capsys.readouterr().out
+    ids = answer_recall.prompt_ids(tokenizer, sample, "query-aware")
+    positions = answer_recall.answer_positions(ids[0].tolist(), tokenizer, ["4711"])
+    slots = answer_recall.slots_for_budget(ids.shape[1], 0.3)
+    layers = [layer for layer in record_prefill(tiny_llama, ids, tokenizer=tokenizer).scores if layer is not None]
+    pooled = [pool_scores(layer.window_attention(32), 31, "max") for layer in layers]
+    expected = torch.stack([answer_recall.recall_in_top(scores, positions, slots) for scores in pooled]).mean()
+    assert row["recall"] == pytest.approx(expected.item())
+    with pytest.raises(SystemExit):
+        answer_recall.main(["--window-kernel", "4"])
+
+
 def test_answer_recall_refuses_budgets_outside_zero_to_one():
     for budgets in (["0"], ["1.5"], ["-0.2"]):
         with pytest.raises(SystemExit):

@@ -21,7 +21,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvmerger import compress, compress_prefill, get_method, record_prefill
 from kvmerger.engine.hf import layer_kinds
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
-from kvmerger.engine.scoring import largest_attention, pooled_window_attention
+from kvmerger.engine.scoring import LayerScores, largest_attention, pooled_window_attention
+from kvmerger.methods.base import LayerInput
 from tests.conftest import CharTokenizer, build_tiny
 
 
@@ -52,6 +53,43 @@ def test_pooled_window_attention_matches_a_loop():
         window = [received[..., t] if 0 <= t < 30 else torch.zeros_like(received[..., 0]) for t in (token - 1, token, token + 1)]
         expected[..., token] = sum(window) / 3
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def _kept_alone(method, keys: torch.Tensor, window_scores: torch.Tensor) -> set[int]:
+    """Prompt positions that `method` keeps as slots of their own, given the window's attention."""
+    layer = LayerInput(
+        keys, keys.clone(), LayerScores.precomputed(keys, windows={32: window_scores}), 0, 1,
+        method.target_slots(keys.shape[-2]),
+    )
+    output = method.compress(layer)
+    return set(output.positions[output.set_sizes == 1].tolist())
+
+
+def test_a_wide_max_pooled_window_protects_the_whole_span_around_a_spike():
+    """One token the window attends to (the key of a needle) and near it nothing: SnapKV's average of 5
+    protects 2 neighbours each side, a max over 9 protects 4, whatever their own scores."""
+    length = 64
+    keys = torch.randn(1, 1, length, 8, generator=torch.Generator().manual_seed(1))
+    window_scores = torch.rand(1, 1, length, generator=torch.Generator().manual_seed(2)) * 0.01 + 0.001
+    window_scores[..., 12:29] = 0.0
+    window_scores[..., 20] = 1.0
+    span = set(range(16, 25))
+    options = {"budget": 0.5, "score": "window", "recent_share": 0.25, "topk_share": 0.5}
+    wide = get_method("kvmerger", window_kernel=9, window_pooling="max", **options)
+    assert span <= _kept_alone(wide, keys, window_scores)
+    default = get_method("kvmerger", **options)
+    assert set(range(18, 23)) <= _kept_alone(default, keys, window_scores)
+    assert not span <= _kept_alone(default, keys, window_scores)
+    fitted = get_method("fitted-kvmerger", window_kernel=9, window_pooling="max", **options).merger()
+    assert (fitted.window_kernel, fitted.window_pooling) == (9, "max")  # its sets and pivots come from this KVMerger
+
+
+@pytest.mark.parametrize("name", ["kvmerger", "fitted-kvmerger"])
+def test_window_pooling_is_checked(name):
+    with pytest.raises(ValueError, match="window_kernel must be a positive odd integer"):
+        get_method(name, window_kernel=4)
+    with pytest.raises(ValueError, match="window_pooling must be one of"):
+        get_method(name, window_pooling="median")
 
 
 # --------------------------------------------------------------------------------------------

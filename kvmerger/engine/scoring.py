@@ -589,11 +589,9 @@ class LayerScores:
     def pooled_window_attention(
         self, window: int = WINDOW, kernel_size: int = POOL_KERNEL, pooling: str = "avg"
     ) -> torch.Tensor:
-        """[B, Hkv, T]: SnapKV's score, the window's attention pooled over neighbouring keys."""
-        return self._memoised(
-            ("pooled window", window, kernel_size, pooling),
-            lambda: pool_scores(self.window_attention(window), kernel_size, pooling),
-        )
+        """[B, Hkv, T]: SnapKV's score, the window's attention pooled over neighbouring keys (the
+        pooling, O(T), is redone on each call; the window's attention is kept)."""
+        return pool_scores(self.window_attention(window), kernel_size, pooling)
 
     def expected_attention(
         self,
@@ -640,19 +638,24 @@ class LayerScores:
             )
         return self.context.reconstruction
 
-    def source(self, name: str, statistic: str = "exact") -> torch.Tensor:
+    def source(
+        self, name: str, statistic: str = "exact", *, window_kernel: int = POOL_KERNEL, window_pooling: str = "avg"
+    ) -> torch.Tensor:
         """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults
-        (`statistic`: how the aggregated attention is computed).
+        (`statistic`: how the aggregated attention is computed; `window_kernel` and `window_pooling`:
+        how the window's attention is pooled over neighbouring keys, SnapKV's kernel 5 average by default).
 
         Sources joined by "+" ("aggregated+window") are combined by rank: each token's score is its
         highest percentile rank (within its row) in any of them, so the top-k of the combination
         holds what either source ranks high (the union of their top tokens)."""
         if "+" in name:
-            return torch.stack([percentile_rank(self.source(part, statistic)) for part in name.split("+")]).amax(0)
+            pooled = {"window_kernel": window_kernel, "window_pooling": window_pooling}
+            parts = [percentile_rank(self.source(part, statistic, **pooled)) for part in name.split("+")]
+            return torch.stack(parts).amax(0)
         if name == "aggregated":
             return self.aggregated_attention(statistic)
         if name == "window":
-            return self.pooled_window_attention()
+            return self.pooled_window_attention(kernel_size=window_kernel, pooling=window_pooling)
         if name == "reconstruction":
             return self.reconstruction_attention()
         if name == "expected":

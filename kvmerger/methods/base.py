@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import SCORE_SOURCES, STATISTICS, LayerScores
+from kvmerger.engine.scoring import POOLINGS, SCORE_SOURCES, STATISTICS, LayerScores
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 BIAS_BYTES = 4  # one float32 logit per slot and KV head
@@ -239,6 +239,19 @@ def check_score_source(name: str, field_name: str = "score") -> None:
             f"{field_name} must be one of {', '.join(SCORE_SOURCES)} or several of them joined by '+' "
             f"(combined by rank; see docs/METHOD.md), got {name!r}"
         )
+
+
+def check_pooling(
+    kernel_size: int, pooling: str, kernel_field: str = "kernel_size", pooling_field: str = "pooling"
+) -> None:
+    """A 1-D pooling of scores along the sequence: an odd positive kernel (so it keeps the length)
+    and one of POOLINGS."""
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"{kernel_field} must be a positive odd integer (pooling keeps the length); got {kernel_size!r}"
+        )
+    if pooling not in POOLINGS:
+        raise ValueError(f"{pooling_field} must be one of {POOLINGS}, got {pooling!r}")
 
 
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:

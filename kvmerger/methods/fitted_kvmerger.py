@@ -10,6 +10,7 @@ values by least squares so that attention outputs are reproduced. Here, per laye
 1. Slots: KVMerger's own merging sets, pivots and Gaussian-kernel merge in ``exact`` mode
    (``KVMerger.identify`` and ``gaussian_merge``, reused), so exactly ``layer.slots`` slots per head.
    ``slot_keys="merged"`` (default) keeps the merged keys; ``slot_keys="pivot"`` each set's pivot key.
+   Its score knobs pass through: ``score``, ``statistic``, ``window_kernel`` and ``window_pooling``.
 2. Prior: the size-aware merge, weight ``w_s = |S|`` (bias ``log |S|``) and the merged value.
 3. Biases: ``min_{w} ||M w - y||^2 + lam ||w - |S| ||^2`` with ``|S| e^-r <= w <= |S| e^r``
    (``r = bias_range``), ``M_js = exp(q_j.k_s - m_j)``, ``y_j = sum_t exp(q_j.k_t - m_j)``, each
@@ -69,6 +70,7 @@ from typing import ClassVar
 
 import torch
 
+from kvmerger.engine.scoring import POOL_KERNEL
 from kvmerger.methods.attention_matching import (
     check_reference,
     fit_report,
@@ -114,6 +116,8 @@ class FittedKVMerger(CompressionMethod):
     statistic: str = "exact"
     recent_share: float | None = None
     topk_share: float | None = None
+    window_kernel: int = POOL_KERNEL
+    window_pooling: str = "avg"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +147,7 @@ class FittedKVMerger(CompressionMethod):
         recent, topk = self.protection()
         return KVMerger(
             budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score,
-            statistic=self.statistic,
+            statistic=self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling,
         )
 
     def stores_bias(self) -> bool:
@@ -156,8 +160,8 @@ class FittedKVMerger(CompressionMethod):
         batch, heads, length, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
         merger = self.merger()
+        attention = merger.scores(layer).flatten(0, 1)
         sets = merger.identify(keys, attention, layer.slots)
         slots = int(sets.count.max())
         merged_keys, merged_values, pivots, sizes = gaussian_merge(

@@ -51,6 +51,12 @@ Choices where the paper is silent or uncertain (each one a parameter):
   repeat pass: the largest attention a key gets while the model repeats the prompt) and
   ``expected`` (Expected Attention's Gaussian model of future queries). Only the ranking changes;
   the merge is the same.
+* ``window_kernel=5``, ``window_pooling="avg"`` (defaults, SnapKV's): how the ``window`` source is
+  pooled over neighbouring keys. A wide max (``window_kernel=31, window_pooling="max"``) gives every
+  token the best window score within 15 positions of it, so the question's attention to a needle's
+  key words protects the whole sentence around them, the value's digits included (ChunkKV, Liu et al.
+  arXiv 2502.00299, keeps whole chunks for the same reason). Chosen on seed 1 (docs/BENCHMARKS.md
+  section 9), not on the reported samples.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
   [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
@@ -67,11 +73,13 @@ from typing import ClassVar
 
 import torch
 
+from kvmerger.engine.scoring import POOL_KERNEL
 from kvmerger.methods.base import (
     CompressionMethod,
     LayerInput,
     LayerOutput,
     SlotState,
+    check_pooling,
     check_score_source,
     check_statistic,
     finite_as,
@@ -128,11 +136,14 @@ class KVMerger(CompressionMethod):
     recent_share: float | None = None
     topk_share: float | None = None
     statistic: str = "exact"
+    window_kernel: int = POOL_KERNEL
+    window_pooling: str = "avg"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
         check_statistic(self.statistic)
+        check_pooling(self.window_kernel, self.window_pooling, "window_kernel", "window_pooling")
         if self.size_bias and self.scale_values_by_set_size:
             raise ValueError(
                 "size_bias already gives a merged slot the weight of its |S| tokens in the softmax; "
@@ -164,6 +175,12 @@ class KVMerger(CompressionMethod):
 
     def keeps_budget(self) -> bool:
         return self.mode == "exact"
+
+    def scores(self, layer: LayerInput) -> torch.Tensor:
+        """[B, Hkv, T]: the score behind the protected top-k tokens and the pivots (`score`)."""
+        return layer.scores.source(
+            self.score, self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling
+        )
 
     def needs_reconstruction(self) -> bool:
         return "reconstruction" in self.score.split("+")
@@ -267,7 +284,7 @@ class KVMerger(CompressionMethod):
         batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
-        attention = layer.scores.source(self.score, self.statistic).flatten(0, 1)
+        attention = self.scores(layer).flatten(0, 1)
         sets = self.identify(keys, attention, layer.slots)
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, int(sets.count.max()), self.sigma, self.scale_values_by_set_size

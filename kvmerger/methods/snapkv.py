@@ -39,8 +39,8 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import POOLINGS, pool_scores
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, keep_by_score
+from kvmerger.engine.scoring import pool_scores
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_pooling, keep_by_score
 
 
 @dataclass
@@ -61,12 +61,7 @@ class SnapKV(CompressionMethod):
         super().__post_init__()
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"window is a number of last prompt queries, a positive integer; got {self.window!r}")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"kernel_size must be a positive odd integer (pooling keeps the length); got {self.kernel_size!r}"
-            )
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_pooling(self.kernel_size, self.pooling)
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         length = layer.length
