@@ -98,6 +98,8 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("statistic", "str", "exact", "aggregated attention from every query (exact) or estimated from a sample"),
             Parameter("recent_share", "float | None", None, "recent window as a share of the budget (instead of recent_ratio)"),
             Parameter("topk_share", "float | None", None, "heavy hitters as a share of the budget (instead of topk_ratio)"),
+            Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
+            Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
         ),
     ),
     MethodEntry("full", "Full cache: no compression (the reference)", (_budget(1.0),)),
@@ -131,6 +133,8 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("recent_share", "float | None", None, "recent window as a share of the budget (instead of recent_ratio)"),
             Parameter("topk_share", "float | None", None, "top-k protection as a share of the budget (instead of topk_ratio)"),
             Parameter("statistic", "str", "exact", "aggregated attention from every query (exact) or estimated from a sample"),
+            Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
+            Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
         ),
     ),
     MethodEntry(
