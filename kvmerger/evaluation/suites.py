@@ -13,7 +13,8 @@ the methods of issue 12 a sample group cost 65 s (pass key at 2k), 45 / 76 / 131
 2k / 4k) and 62 s (an LM window) on 2026-12-01, and the suite with 5 pass keys, 3 needle depths per
 length, 4 LM windows and 3 compress-once prompts took about 28 minutes. To fit in 15 the samples
 were halved again (tasks, lengths and methods kept; 230 cells in 11 min 36 s on the idle VM,
-2026-12-01, model loading included):
+2026-12-01, model loading included; the same cells took 15 min 32 s that night, when the VM ran
+the full cache's prefills 17% slower: the suite has no margin left on this machine):
 
 * passkey: 3 depths at 2,048 tokens (plain completion prompt), query-aware.
 * needle: 1,024, 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
