@@ -87,14 +87,15 @@ def measure_sample(
     prefill = record_prefill(model, ids, tokenizer=tokenizer)
     length = ids.shape[1]
     rows = []
+    pooled = {"window_kernel": window_kernel, "window_pooling": window_pooling}
     for source in sources:
-        pooled = {"window_kernel": window_kernel, "window_pooling": window_pooling}
         per_layer = [layer.source(source, **pooled) for layer in prefill.scores if layer is not None]
+        label = source_label(source, window_kernel, window_pooling)
         for budget in budgets:
             slots = slots_for_budget(length, budget)
             recalls = torch.stack([recall_in_top(scores, positions, slots) for scores in per_layer])
             rows.append({
-                "source": source_label(source, window_kernel, window_pooling), "budget": budget, "tokens": length, "answer_tokens": len(positions),
+                "source": label, "budget": budget, "tokens": length, "answer_tokens": len(positions),
                 "recall": recalls.mean().item(), "whole": (recalls == 1).float().mean().item(),
             })
     return rows
