@@ -30,7 +30,7 @@ import torch
 from kvmerger import load_model, record_prefill
 from kvmerger.cli import options
 from kvmerger.evaluation.runner import parse_spec
-from kvmerger.engine.scoring import POOL_KERNEL, POOLINGS, SCORE_SOURCES
+from kvmerger.engine.scoring import POOL_KERNEL, POOLING, POOLINGS, SCORE_SOURCES
 from kvmerger.evaluation.tasks import Sample, get_task
 from kvmerger.methods.base import check_pooling, slots_for_budget
 
@@ -69,14 +69,14 @@ def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int) -> tor
 
 def source_label(source: str, window_kernel: int, window_pooling: str) -> str:
     """The source's name, with the window's pooling where it is not SnapKV's."""
-    if source == "window" and (window_kernel, window_pooling) != (POOL_KERNEL, "avg"):
+    if source == "window" and (window_kernel, window_pooling) != (POOL_KERNEL, POOLING):
         return f"window ({window_pooling} {window_kernel})"
     return source
 
 
 def measure_sample(
     model, tokenizer, sample: Sample, protocol: str, sources: list[str], budgets: list[float],
-    window_kernel: int = POOL_KERNEL, window_pooling: str = "avg",
+    window_kernel: int = POOL_KERNEL, window_pooling: str = POOLING,
 ) -> list[dict]:
     """One row per source and budget for one sample: recall and whole, averaged over layers and heads."""
     ids = prompt_ids(tokenizer, sample, protocol)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sources", nargs="+", default=list(SCORE_SOURCES), choices=SCORE_SOURCES)
     parser.add_argument("--budgets", nargs="+", type=options.budget, default=[0.35])
     parser.add_argument("--window-kernel", type=options.positive_int, default=POOL_KERNEL, help="odd; SnapKV's 5")
-    parser.add_argument("--window-pooling", default="avg", choices=POOLINGS)
+    parser.add_argument("--window-pooling", default=POOLING, choices=POOLINGS)
     parser.add_argument("--length", type=options.positive_int, default=2048)
     parser.add_argument("--samples", type=options.positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)

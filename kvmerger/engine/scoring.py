@@ -54,6 +54,7 @@ POOLINGS = ("avg", "max")
 # Defaults of the sources, as their papers and reference code set them
 WINDOW = 32  # SnapKV's observation window
 POOL_KERNEL = 5  # SnapKV's pooling kernel
+POOLING = "avg"  # and its pooling
 FUTURE_POSITIONS = 512  # Expected Attention: future positions the rotation is averaged over (kvpress)
 SINK_TOKENS = 4  # Expected Attention and KVzip: first tokens always kept, never scored (kvpress)
 
@@ -587,7 +588,7 @@ class LayerScores:
         )
 
     def pooled_window_attention(
-        self, window: int = WINDOW, kernel_size: int = POOL_KERNEL, pooling: str = "avg"
+        self, window: int = WINDOW, kernel_size: int = POOL_KERNEL, pooling: str = POOLING
     ) -> torch.Tensor:
         """[B, Hkv, T]: SnapKV's score, the window's attention pooled over neighbouring keys (the
         pooling, O(T), is redone on each call; the window's attention is kept)."""
@@ -639,7 +640,7 @@ class LayerScores:
         return self.context.reconstruction
 
     def source(
-        self, name: str, statistic: str = "exact", *, window_kernel: int = POOL_KERNEL, window_pooling: str = "avg"
+        self, name: str, statistic: str = "exact", *, window_kernel: int = POOL_KERNEL, window_pooling: str = POOLING
     ) -> torch.Tensor:
         """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults
         (`statistic`: how the aggregated attention is computed; `window_kernel` and `window_pooling`:

@@ -70,7 +70,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import POOL_KERNEL
+from kvmerger.engine.scoring import POOL_KERNEL, POOLING
 from kvmerger.methods.attention_matching import (
     check_reference,
     fit_report,
@@ -117,7 +117,7 @@ class FittedKVMerger(CompressionMethod):
     recent_share: float | None = None
     topk_share: float | None = None
     window_kernel: int = POOL_KERNEL
-    window_pooling: str = "avg"
+    window_pooling: str = POOLING
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -73,7 +73,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.engine.scoring import POOL_KERNEL
+from kvmerger.engine.scoring import POOL_KERNEL, POOLING
 from kvmerger.methods.base import (
     CompressionMethod,
     LayerInput,
@@ -137,7 +137,7 @@ class KVMerger(CompressionMethod):
     topk_share: float | None = None
     statistic: str = "exact"
     window_kernel: int = POOL_KERNEL
-    window_pooling: str = "avg"
+    window_pooling: str = POOLING
 
     def __post_init__(self) -> None:
         super().__post_init__()
