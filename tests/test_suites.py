@@ -15,7 +15,8 @@ def test_compare_runs_both_protocols_with_the_best_variant_and_the_score_baselin
     variant = settings.methods[2]
     assert variant.params == BEST_VARIANT[1]
     method = variant.variants([0.35])[0]
-    assert (method.score, method.window_kernel, method.window_pooling) == ("aggregated+window", 31, "max")
+    assert (method.score, method.window_kernel, method.window_pooling) == ("window", 31, "max")
+    assert method.protection() == (0.15 * 0.35, 0.8 * 0.35)  # shares of the budget, as prompt shares
     protocols = {plan.task.name: plan.protocols for plan in settings.plans if plan.protocols}
     assert protocols == {"passkey": ("query-agnostic",)}
     assert [plan.task.keys for plan in settings.plans if plan.task.name == "passkey"] == [1, 3]

@@ -14,15 +14,16 @@ the methods of issue 12 a sample group cost 65 s (pass key at 2k), 45 / 76 / 131
 length, 4 LM windows and 3 compress-once prompts took about 28 minutes. To fit in 15 the samples
 were halved again (tasks, lengths and methods kept; 230 cells in 11 min 36 s on the idle VM,
 2026-12-01, model loading included; the same cells took 15 min 32 s that night, when the VM ran
-the full cache's prefills 17% slower: the suite has no margin left on this machine):
+the full cache's prefills 17% slower). So one pass-key depth and the 1k needle were dropped too:
+184 cells in 13 min 15 s on 2026-12-02, on a VM as slow as that night's:
 
-* passkey: 3 depths at 2,048 tokens (plain completion prompt), query-aware.
-* needle: 1,024, 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
+* passkey: 2 depths at 2,048 tokens (plain completion prompt), query-aware.
+* needle: 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
 * lm: 2 windows (one of essays, one of Shakespeare) of 2,048 prefix tokens, the next 256 scored.
 * passkey:keys=3: 2 prompts at 2,048 tokens holding three pass keys, compressed once before any
   question (query-agnostic), then each key asked on its own copy of the compressed cache.
 
-These are few samples: a cell of the table moves by a whole sample's share (1/3 on the pass key,
+These are few samples: a cell of the table moves by a whole sample's share (1/2 on the pass key,
 1 on a needle length). `kvmerger eval` with `--samples` runs the same tasks at any size;
 `--methods all` runs every registered method. `quick` is the same pipeline at toy sizes, to check
 an installation or a change end to end.
@@ -39,12 +40,12 @@ from kvmerger.methods import METHODS
 PAPER_COMPARISON = ("full", "kvmerger", "streaming-llm", "h2o", "cam", "snapkv", "tova", "knorm", "random")
 # KVMerger's best variant at a small budget (docs/BENCHMARKS.md section 9, chosen on seed 1 and other
 # texts than the ones compare reports): the fitted merge, its pivots and protected tokens ranked by
-# the aggregated attention and SnapKV's window together, the window's attention max-pooled over 31
-# keys (so a needle's whole sentence ranks with its best token), 40% of the budget protected as
-# recent tokens and 50% as top-scored ones.
+# SnapKV's window, the window's attention max-pooled over 31 keys (so a needle's whole sentence ranks
+# with its best token), 15% of the budget protected as recent tokens and 80% as top-scored ones;
+# the rest of the prompt is merged into the remaining 5%.
 BEST_VARIANT = (
     "fitted-kvmerger",
-    {"score": "aggregated+window", "recent_share": 0.4, "topk_share": 0.5, "window_kernel": 31, "window_pooling": "max"},
+    {"score": "window", "recent_share": 0.15, "topk_share": 0.8, "window_kernel": 31, "window_pooling": "max"},
 )
 SCORE_BASELINES = ("kvzip", "expected-attention")
 
@@ -92,12 +93,12 @@ class Suite:
 
 COMPARE = Suite(
     "compare",
-    "pass key at 2k tokens x 3 depths, needle at 1k/2k/4k tokens and depth 50%, language modelling on 2 windows "
+    "pass key at 2k tokens x 2 depths, needle at 2k/4k tokens and depth 50%, language modelling on 2 windows "
     "of 2k tokens + 256 (query-aware); three pass keys in 2k tokens x 2, compressed once and asked one at a time "
     "(query-agnostic)",
     (
-        SuiteTask("passkey", (2048,), 3),
-        SuiteTask("needle", (1024, 2048, 4096), 1),
+        SuiteTask("passkey", (2048,), 2),
+        SuiteTask("needle", (2048, 4096), 1),
         SuiteTask("lm", (2048,), 2),
         SuiteTask("passkey:keys=3", (2048,), 2, protocols=("query-agnostic",)),
     ),
