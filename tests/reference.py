@@ -36,6 +36,7 @@ def kvmerger_row(
     sigma: float | None,
     scale_values: bool,
     sigma_floor: float = 1e-6,
+    max_set_size: int | None = None,
 ) -> dict:
     """KVMerger on one row: keys [T, d], values [T, dv], attention [T] -> merged slots in order."""
     length = len(keys)
@@ -55,11 +56,21 @@ def kvmerger_row(
     # 2. merging sets: pairs (t, t+1) of unprotected neighbours
     similarity = [cosine(keys[t], keys[t + 1]) for t in range(length - 1)]
     eligible = [t for t in range(length - 1) if t not in protected and t + 1 not in protected]
+    count = max(0, length - slots)
+    ranked = sorted(eligible, key=lambda t: (-similarity[t], -t))
     if mode == "paper":
         merged_pairs = {t for t in eligible if similarity[t] > eps}
-    else:
-        ranked = sorted(eligible, key=lambda t: (-similarity[t], -t))
-        merged_pairs = set(ranked[: max(0, length - slots)])
+        if max_set_size is not None:
+            merged_pairs = cut_runs_row(merged_pairs, max_set_size)
+    elif max_set_size is None:
+        merged_pairs = set(ranked[:count])
+    else:  # the fewest most-similar pairs that leave `count` merged after the cut, else no cap
+        merged_pairs = set(ranked[:count])
+        for taken in range(len(ranked) + 1):
+            cut = cut_runs_row(set(ranked[:taken]), max_set_size)
+            if len(cut) == count:
+                merged_pairs = cut
+                break
     # Algorithm 1: scan from the last token backwards, growing the current set while pairs merge
     sets: list[list[int]] = []
     current = [length - 1]
@@ -154,6 +165,32 @@ def kvmerger_hold_row(
     out["keys"], out["values"] = np.array(out["keys"]), np.array(out["values"])
     out["similarity"], out["eligible"] = similarity, eligible
     return out
+
+
+def cut_runs_row(merged_pairs: set[int], cap: int) -> set[int]:
+    """Pairs (t, t+1) left merged when each run is cut, from its first token on, into pieces of at
+    most `cap` tokens: walking a run, the pair that would make the current piece cap + 1 long is dropped."""
+    kept, piece = set(), 1
+    for t in range(max(merged_pairs, default=-1) + 1):
+        if t not in merged_pairs:
+            piece = 1
+        elif piece < cap:
+            kept.add(t)
+            piece += 1
+        else:
+            piece = 1  # the pair is cut: token t + 1 starts a new piece
+    return kept
+
+
+def ambiguous_order(sims64: list[float], sims32: list[float], eligible: list[int]) -> bool:
+    """Whether the order of the eligible pairs by similarity may legitimately differ between the
+    float32 implementation and this float64 reference (any two within 1e-5 that are not exact ties
+    in both precisions)."""
+    ordered = sorted(eligible, key=lambda t: sims64[t])
+    return any(
+        abs(sims64[a] - sims64[b]) < 1e-5 and (sims64[a] != sims64[b] or float(sims32[a]) != float(sims32[b]))
+        for a, b in zip(ordered, ordered[1:])
+    )
 
 
 def ambiguous_selection(sims64: list[float], sims32: list[float], eligible: list[int], count: int) -> bool:

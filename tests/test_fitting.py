@@ -252,6 +252,17 @@ def test_fitted_kvmerger_equals_its_reference(seed, causal, slot_keys):
         np.testing.assert_allclose(out.values[0, n].numpy(), expected["values"], rtol=5e-3, atol=5e-3)
 
 
+def test_fitted_kvmerger_fits_the_sets_of_its_capped_merger():
+    method = FittedKVMerger(budget=0.6, recent_ratio=0.1, topk_ratio=0.1, max_set_size=3, reference_queries=8, recent_queries=2)
+    assert method.merger().max_set_size == 3
+    layer = random_layer(0, method, length=40)
+    out = method.compress(layer)
+    sets = method.merger().identify(layer.keys[0], layer.scores.aggregated_attention()[0], layer.slots)
+    assert out.set_sizes.shape[-1] == layer.slots and int(out.set_sizes.max()) <= 3
+    assert out.set_sizes[0].tolist() == [torch.bincount(row, minlength=layer.slots).tolist() for row in sets.segment]
+    assert out.notes["cap_relaxed_rows"] == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Behaviour
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kvmerger.engine.scoring import LayerScores
 from kvmerger.methods.base import LayerInput, slots_for_budget
 from kvmerger.methods.kvmerger import KVMerger, paper_protection
-from tests.reference import ambiguous_selection, kvmerger_row
+from tests.reference import ambiguous_order, ambiguous_selection, kvmerger_row
 
 
 def layer_input(keys, values, attention, method) -> LayerInput:
@@ -56,6 +56,8 @@ def selection_is_ambiguous(row: dict, sims32: list[float], method: KVMerger, len
     """True if float32 vs float64 rounding could legitimately pick other pairs."""
     if method.mode == "paper":
         return any(abs(row["similarity"][t] - method.eps) < 1e-5 for t in row["eligible"])
+    if method.max_set_size is not None:  # the cut depends on which pairs come first, not just the top count
+        return ambiguous_order(row["similarity"], sims32, row["eligible"])
     return ambiguous_selection(row["similarity"], sims32, row["eligible"], max(0, length - slots))
 
 
@@ -80,6 +82,7 @@ def cases(draw):
             topk_ratio=topk,
             sigma=draw(st.sampled_from([None, None, 0.5, 5.0])),
             scale_values_by_set_size=draw(st.booleans()),
+            max_set_size=draw(st.sampled_from([None, None, None, 1, 2, 3, 5])),
         )
     except ValueError:
         assume(False)
@@ -127,6 +130,7 @@ def test_vectorised_kvmerger_equals_the_reference(case):
                 n_topk=identify.n_topk,
                 sigma=method.sigma,
                 scale_values=method.scale_values_by_set_size,
+                max_set_size=method.max_set_size,
             )
             sims32 = identify.similarity.view(batch, heads, -1)[b, h].tolist()
             assume(not selection_is_ambiguous(row, sims32, method, length, slots))
@@ -270,11 +274,43 @@ def test_paper_protection_settings():
         ({"mode": "greedy"}, "mode must be one of"),
         ({"sigma": 0.0}, "sigma must be a positive number"),
         ({"mode": "paper", "recent_ratio": 0.7, "topk_ratio": 0.6}, "exceeds 1"),
+        ({"max_set_size": 0}, "max_set_size must be a whole number of tokens >= 1"),
+        ({"max_set_size": 2.5}, "max_set_size must be a whole number of tokens >= 1"),
+        ({"max_set_size": True}, "max_set_size must be a whole number of tokens >= 1"),
     ],
 )
 def test_bad_parameters_get_a_clear_error(params, message):
     with pytest.raises(ValueError, match=message):
         KVMerger(**params)
+
+
+@pytest.mark.parametrize("cap", [3, 4, 6])
+def test_a_set_size_cap_keeps_the_budget_and_no_set_is_longer(cap):
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 1, 8) + 0.05 * torch.randn(2, 3, 64, 8)  # alike neighbours: long runs uncapped
+    values = torch.randn(2, 3, 64, 8)
+    attention = torch.rand(2, 3, 64)
+    uncapped = KVMerger(budget=0.5, recent_ratio=0.05, topk_ratio=0.05)
+    capped = KVMerger(budget=0.5, recent_ratio=0.05, topk_ratio=0.05, max_set_size=cap)
+    before = uncapped.compress(layer_input(keys, values, attention, uncapped))
+    after = capped.compress(layer_input(keys, values, attention, capped))
+    assert int(before.set_sizes.max()) > cap  # the cap has something to cut
+    assert after.keys.shape == before.keys.shape == (2, 3, 32, 8)
+    assert int(after.set_sizes.max()) <= cap and (after.set_sizes >= 1).all()
+    assert (after.set_sizes.sum(-1) == 64).all()
+    assert after.notes["cap_relaxed_rows"] == 0 and "cap_relaxed_rows" not in before.notes
+    assert after.notes["largest_set_mean"] <= cap < before.notes["largest_set_mean"]
+
+
+def test_a_cap_that_cannot_reach_the_budget_merges_those_rows_without_it_and_says_so():
+    torch.manual_seed(1)
+    keys, values, attention = torch.randn(1, 2, 40, 4), torch.randn(1, 2, 40, 4), torch.rand(1, 2, 40)
+    method = KVMerger(budget=0.2, recent_ratio=0.0, topk_ratio=0.0, max_set_size=3)  # 40 tokens in 8 slots need sets of 5
+    output = method.compress(layer_input(keys, values, attention, method))
+    plain = KVMerger(budget=0.2, recent_ratio=0.0, topk_ratio=0.0)
+    expected = plain.compress(layer_input(keys, values, attention, plain))
+    assert output.notes["cap_relaxed_rows"] == 2
+    assert torch.equal(output.set_sizes, expected.set_sizes) and torch.equal(output.keys, expected.keys)
 
 
 def test_slots_for_budget_is_the_ceiling_without_float_noise():

@@ -100,6 +100,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("topk_share", "float | None", None, "heavy hitters as a share of the budget (instead of topk_ratio)"),
             Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
             Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
+            Parameter("max_set_size", "int | None", None, "cap on the tokens of one merging set (None: no cap, the paper's)"),
         ),
     ),
     MethodEntry("full", "Full cache: no compression (the reference)", (_budget(1.0),)),
@@ -135,6 +136,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("statistic", "str", "exact", "aggregated attention from every query (exact) or estimated from a sample"),
             Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
             Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
+            Parameter("max_set_size", "int | None", None, "cap on the tokens of one merging set (None: no cap, the paper's)"),
         ),
     ),
     MethodEntry(

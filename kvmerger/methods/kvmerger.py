@@ -57,6 +57,16 @@ Choices where the paper is silent or uncertain (each one a parameter):
   key words protects the whole sentence around them, the value's digits included (ChunkKV, Liu et al.
   arXiv 2502.00299, keeps whole chunks for the same reason). Chosen on seed 1 (docs/BENCHMARKS.md
   section 9), not on the reported samples.
+* ``max_set_size=None`` (default, the paper's): a merging set is as long as its run of similar
+  neighbours. Issue 12 asked whether capping the sets keeps more of what is asked (a number's
+  digits have alike keys and fold into one slot). With a cap ``c``, runs are cut into pieces of at
+  most ``c`` tokens from their first token on; in ``exact`` mode pairs are taken from the most
+  similar down until, after that cut, exactly ``T - S`` remain merged (the cut adds at most one
+  piece per added pair, so that count is met exactly; a binary search over the number of pairs,
+  vectorised over rows). A row whose unprotected runs cannot reach the budget in pieces of ``c``
+  is merged without the cap, and the statistics count it (``cap_relaxed_rows``). The cap applies
+  to the prompt's merge, not to the merges that hold the budget during generation. Measured in
+  docs/BENCHMARKS.md section 9.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
   [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
@@ -115,6 +125,7 @@ class MergingSets:
     n_topk: int  # top-scored tokens asked to be protected (each row kept `topk_kept` of them)
     protection_shrunk: bool
     topk_kept: torch.Tensor  # [N] long
+    cap_relaxed_rows: int = 0  # rows merged without `max_set_size`: the cap could not reach the budget
 
 
 @dataclass
@@ -138,10 +149,12 @@ class KVMerger(CompressionMethod):
     statistic: str = "exact"
     window_kernel: int = POOL_KERNEL
     window_pooling: str = POOLING
+    max_set_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
+        check_set_size_cap(self.max_set_size)
         check_statistic(self.statistic)
         check_pooling(self.window_kernel, self.window_pooling, "window_kernel", "window_pooling")
         if self.size_bias and self.scale_values_by_set_size:
@@ -263,8 +276,14 @@ class KVMerger(CompressionMethod):
             protected = protected_tokens(attention, n_recent, n_topk)
         similarity = adjacent_similarity(keys)
         eligible = ~protected[:, 1:] & ~protected[:, :-1]
+        relaxed = 0
         if self.mode == "paper":
             merged = eligible & (similarity > self.eps)
+            if self.max_set_size is not None:
+                merged = cut_runs(merged, self.max_set_size)
+        elif self.max_set_size is not None:
+            merged, relaxed_rows = capped_similar_pairs(similarity, eligible, max(0, length - slots), self.max_set_size)
+            relaxed = int(relaxed_rows.sum())
         else:
             merged = most_similar_pairs(similarity, eligible, max(0, length - slots))
         segment = segment_ids(merged)
@@ -278,6 +297,7 @@ class KVMerger(CompressionMethod):
             n_topk=n_topk,
             protection_shrunk=shrunk,
             topk_kept=topk_kept,
+            cap_relaxed_rows=relaxed,
         )
 
     def compress(self, layer: LayerInput) -> LayerOutput:
@@ -314,6 +334,8 @@ class KVMerger(CompressionMethod):
                 "protection_shrunk": sets.protection_shrunk,
                 "real_slots_mean": float(sets.count.float().mean()),
                 "weakest_merged_similarity": _weakest_merged_similarity(sets),
+                "largest_set_mean": float(sizes.amax(dim=-1).float().mean()),
+                **({"cap_relaxed_rows": sets.cap_relaxed_rows} if self.max_set_size is not None else {}),
             },
         )
 
@@ -417,6 +439,55 @@ def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: 
         merged.scatter_(1, top_indices(ranked, count), True)
         merged &= eligible
     return merged
+
+
+def check_set_size_cap(cap: int | None) -> None:
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_set_size must be a whole number of tokens >= 1 (or None: no cap), got {cap!r}")
+
+
+def cut_runs(merged_pairs: torch.Tensor, cap: int) -> torch.Tensor:
+    """[N, T-1] bool: `merged_pairs` with every run cut into pieces of at most `cap` tokens, counted
+    from the run's first token (the pair that would make a piece `cap + 1` tokens long is unmerged)."""
+    index = torch.arange(merged_pairs.shape[-1], device=merged_pairs.device).expand_as(merged_pairs)
+    last_break = torch.where(merged_pairs, -1, index).cummax(dim=-1).values  # last unmerged pair at or before
+    within_run = index - last_break  # 1 for a run's first merged pair, 2 for its second, ...
+    return merged_pairs & (within_run % cap != 0)
+
+
+def capped_similar_pairs(
+    similarity: torch.Tensor, eligible: torch.Tensor, count: int, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, T-1] bool merged, [N] bool relaxed): per row, the most similar eligible pairs, as many as
+    leave exactly `count` merged once runs are cut into pieces of at most `cap` tokens (`cut_runs`).
+
+    Adding a pair joins two pieces' runs, which lowers the number of pieces by 0 or 1, so the merged
+    count after the cut grows by steps of 0 or 1 with the number of pairs taken, and a binary search
+    over that number (vectorised over rows) finds the fewest pairs that reach `count`. Rows that
+    cannot reach it even with every eligible pair are merged without the cap (`relaxed`).
+    """
+    rows, pairs = similarity.shape
+    uncapped = most_similar_pairs(similarity, eligible, count)
+    if count == 0:
+        return uncapped, torch.zeros(rows, dtype=torch.bool, device=similarity.device)
+    ranked = similarity.float().masked_fill(~eligible, float("-inf"))
+    order = top_indices(ranked, pairs)  # most similar first, ties to the later pair
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(pairs, device=order.device).expand(rows, -1))
+    available = eligible.sum(dim=1)
+
+    def merged_count(taken: torch.Tensor) -> torch.Tensor:
+        return cut_runs(eligible & (rank < taken.unsqueeze(1)), cap).sum(dim=1)
+
+    relaxed = merged_count(available) < count
+    low = torch.zeros(rows, dtype=torch.long, device=order.device)  # merged_count(low) < count
+    high = available.clone()  # merged_count(high) >= count wherever the cap can reach the budget
+    while bool((high - low > 1).any()):
+        middle = (low + high) // 2
+        enough = merged_count(middle) >= count
+        high = torch.where(enough, middle, high)
+        low = torch.where(enough, low, middle)
+    capped = cut_runs(eligible & (rank < high.unsqueeze(1)), cap)
+    return torch.where(relaxed.unsqueeze(1), uncapped, capped), relaxed
 
 
 def segment_ids(merged_pairs: torch.Tensor) -> torch.Tensor:
