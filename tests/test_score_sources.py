@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvmerger import compress, compress_prefill, get_method, record_prefill
 from kvmerger.engine.hf import layer_kinds
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
-from kvmerger.engine.scoring import LayerScores, largest_attention, pooled_window_attention
+from kvmerger.engine.scoring import LayerScores, largest_attention, pool_finite_scores, pooled_window_attention
 from kvmerger.methods.base import LayerInput
 from tests.conftest import CharTokenizer, build_tiny
 
@@ -90,6 +90,37 @@ def test_window_pooling_is_checked(name):
         get_method(name, window_kernel=4)
     with pytest.raises(ValueError, match="window_pooling must be one of"):
         get_method(name, window_pooling="median")
+
+
+@pytest.mark.parametrize("name", ["kvmerger", "fitted-kvmerger"])
+def test_score_pooling_is_checked(name):
+    with pytest.raises(ValueError, match="score_kernel must be a positive odd integer"):
+        get_method(name, score_kernel=0)
+    with pytest.raises(ValueError, match="score_pooling must be one of"):
+        get_method(name, score_pooling="sum")
+
+
+def test_pooling_keeps_the_sinks_and_does_not_spread_them():
+    scores = torch.tensor([[[math.inf, 0.1, 0.5, 0.0, 0.2, 0.3, 0.0]]])
+    torch.testing.assert_close(pool_finite_scores(scores, 3, "max"), torch.tensor([[[math.inf, 0.5, 0.5, 0.5, 0.3, 0.3, 0.3]]]))
+    expected = torch.tensor([[[math.inf, 0.2, 0.2, 0.7 / 3, 0.5 / 3, 0.5 / 3, 0.1]]])
+    torch.testing.assert_close(pool_finite_scores(scores, 3, "avg"), expected)
+
+
+def test_the_other_sources_pool_only_when_asked():
+    """score_kernel pools the aggregated (and reconstruction, expected) scores as window_kernel
+    pools the window's; the default, 1, leaves them as their papers define them."""
+    keys = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(3))
+    aggregated = torch.rand(1, 2, 40, generator=torch.Generator().manual_seed(4))
+    scores = LayerScores.precomputed(keys, aggregated=aggregated)
+    assert torch.equal(scores.source("aggregated"), aggregated)
+    wide = scores.source("aggregated", score_kernel=9, score_pooling="max")
+    for token in range(40):
+        assert torch.equal(wide[..., token], aggregated[..., max(0, token - 4) : token + 5].amax(-1))
+    method = get_method("kvmerger", budget=0.5, score_kernel=9)
+    layer = LayerInput(keys, keys.clone(), scores, 0, 1, method.target_slots(40))
+    assert torch.equal(method.scores(layer), wide)
+    assert get_method("fitted-kvmerger", score_kernel=9, score_pooling="avg").merger().score_kernel == 9
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
             Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
             Parameter("max_set_size", "int | None", None, "cap on the tokens of one merging set (None: no cap, the paper's)"),
+            Parameter("score_kernel", "int", 1, "keys the other score sources are pooled over (odd; 1: none, their papers')"),
+            Parameter("score_pooling", "str", "max", "pooling of the other score sources: avg or max"),
         ),
     ),
     MethodEntry("full", "Full cache: no compression (the reference)", (_budget(1.0),)),
@@ -137,6 +139,8 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("window_kernel", "int", 5, "keys the window score is pooled over (odd; SnapKV's 5; 31 in compare's variant)"),
             Parameter("window_pooling", "str", "avg", "pooling of the window score: avg (SnapKV's) or max"),
             Parameter("max_set_size", "int | None", None, "cap on the tokens of one merging set (None: no cap, the paper's)"),
+            Parameter("score_kernel", "int", 1, "keys the other score sources are pooled over (odd; 1: none, their papers')"),
+            Parameter("score_pooling", "str", "max", "pooling of the other score sources: avg or max"),
         ),
     ),
     MethodEntry(

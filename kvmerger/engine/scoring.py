@@ -354,6 +354,15 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     return pool(flat, kernel_size, stride=1, padding=kernel_size // 2).reshape(shape)
 
 
+def pool_finite_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """`pool_scores` of non-negative scores whose always-kept tokens (the sources' sinks) are +inf:
+    those stay +inf and pool as 0 for their neighbours, so that nearness to a sink ranks no token."""
+    always = scores.isposinf()
+    if not bool(always.any()):
+        return pool_scores(scores, kernel_size, pooling)
+    return pool_scores(scores.masked_fill(always, 0.0), kernel_size, pooling).masked_fill(always, float("inf"))
+
+
 def pooled_window_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, window: int = WINDOW, kernel_size: int = POOL_KERNEL,
     pooling: str = "avg", chunk: int = DEFAULT_CHUNK,
@@ -640,28 +649,42 @@ class LayerScores:
         return self.context.reconstruction
 
     def source(
-        self, name: str, statistic: str = "exact", *, window_kernel: int = POOL_KERNEL, window_pooling: str = POOLING
+        self,
+        name: str,
+        statistic: str = "exact",
+        *,
+        window_kernel: int = POOL_KERNEL,
+        window_pooling: str = POOLING,
+        score_kernel: int = 1,
+        score_pooling: str = "max",
     ) -> torch.Tensor:
         """[B, Hkv, T]: the score source `name` (one of SCORE_SOURCES) with its papers' defaults
         (`statistic`: how the aggregated attention is computed; `window_kernel` and `window_pooling`:
-        how the window's attention is pooled over neighbouring keys, SnapKV's kernel 5 average by default).
+        how the window's attention is pooled over neighbouring keys, SnapKV's kernel 5 average by
+        default; `score_kernel` and `score_pooling`: the same for the other sources, which their
+        papers do not pool, kernel 1).
 
         Sources joined by "+" ("aggregated+window") are combined by rank: each token's score is its
         highest percentile rank (within its row) in any of them, so the top-k of the combination
         holds what either source ranks high (the union of their top tokens)."""
         if "+" in name:
-            pooled = {"window_kernel": window_kernel, "window_pooling": window_pooling}
+            pooled = {
+                "window_kernel": window_kernel, "window_pooling": window_pooling,
+                "score_kernel": score_kernel, "score_pooling": score_pooling,
+            }
             parts = [percentile_rank(self.source(part, statistic, **pooled)) for part in name.split("+")]
             return torch.stack(parts).amax(0)
-        if name == "aggregated":
-            return self.aggregated_attention(statistic)
         if name == "window":
             return self.pooled_window_attention(kernel_size=window_kernel, pooling=window_pooling)
-        if name == "reconstruction":
-            return self.reconstruction_attention()
-        if name == "expected":
-            return self.expected_attention()
-        raise ValueError(f"unknown score source {name!r}; known: {', '.join(SCORE_SOURCES)}")
+        if name == "aggregated":
+            scores = self.aggregated_attention(statistic)
+        elif name == "reconstruction":
+            scores = self.reconstruction_attention()
+        elif name == "expected":
+            scores = self.expected_attention()
+        else:
+            raise ValueError(f"unknown score source {name!r}; known: {', '.join(SCORE_SOURCES)}")
+        return scores if score_kernel == 1 else pool_finite_scores(scores, score_kernel, score_pooling)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -10,8 +10,9 @@ values by least squares so that attention outputs are reproduced. Here, per laye
 1. Slots: KVMerger's own merging sets, pivots and Gaussian-kernel merge in ``exact`` mode
    (``KVMerger.identify`` and ``gaussian_merge``, reused), so exactly ``layer.slots`` slots per head.
    ``slot_keys="merged"`` (default) keeps the merged keys; ``slot_keys="pivot"`` each set's pivot key.
-   Its score knobs pass through: ``score``, ``statistic``, ``window_kernel`` and ``window_pooling``,
-   and so does its cap on the merging sets, ``max_set_size`` (None: no cap).
+   Its score knobs pass through: ``score``, ``statistic``, ``window_kernel``, ``window_pooling``,
+   ``score_kernel`` and ``score_pooling``, and so does its cap on the merging sets,
+   ``max_set_size`` (None: no cap).
 2. Prior: the size-aware merge, weight ``w_s = |S|`` (bias ``log |S|``) and the merged value.
 3. Biases: ``min_{w} ||M w - y||^2 + lam ||w - |S| ||^2`` with ``|S| e^-r <= w <= |S| e^r``
    (``r = bias_range``), ``M_js = exp(q_j.k_s - m_j)``, ``y_j = sum_t exp(q_j.k_t - m_j)``, each
@@ -120,6 +121,8 @@ class FittedKVMerger(CompressionMethod):
     window_kernel: int = POOL_KERNEL
     window_pooling: str = POOLING
     max_set_size: int | None = None
+    score_kernel: int = 1
+    score_pooling: str = "max"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,7 +153,7 @@ class FittedKVMerger(CompressionMethod):
         return KVMerger(
             budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score,
             statistic=self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling,
-            max_set_size=self.max_set_size,
+            max_set_size=self.max_set_size, score_kernel=self.score_kernel, score_pooling=self.score_pooling,
         )
 
     def stores_bias(self) -> bool:

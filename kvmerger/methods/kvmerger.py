@@ -57,6 +57,10 @@ Choices where the paper is silent or uncertain (each one a parameter):
   key words protects the whole sentence around them, the value's digits included (ChunkKV, Liu et al.
   arXiv 2502.00299, keeps whole chunks for the same reason). Chosen on seed 1 (docs/BENCHMARKS.md
   section 9), not on the reported samples.
+* ``score_kernel=1``, ``score_pooling="max"`` (defaults: no pooling, as the aggregated,
+  reconstruction and expected sources' papers): the same pooling for the other sources, to study
+  whether a sentence around a top-scored token should rank with it when no question is there
+  (docs/BENCHMARKS.md section 9). The sources' +inf sinks stay on the sinks.
 * ``max_set_size=None`` (default, the paper's): a merging set is as long as its run of similar
   neighbours. Issue 12 asked whether capping the sets keeps more of what is asked (a number's
   digits have alike keys and fold into one slot). With a cap ``c``, runs are cut into pieces of at
@@ -150,11 +154,14 @@ class KVMerger(CompressionMethod):
     window_kernel: int = POOL_KERNEL
     window_pooling: str = POOLING
     max_set_size: int | None = None
+    score_kernel: int = 1
+    score_pooling: str = "max"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
         check_set_size_cap(self.max_set_size)
+        check_pooling(self.score_kernel, self.score_pooling, "score_kernel", "score_pooling")
         check_statistic(self.statistic)
         check_pooling(self.window_kernel, self.window_pooling, "window_kernel", "window_pooling")
         if self.size_bias and self.scale_values_by_set_size:
@@ -192,7 +199,8 @@ class KVMerger(CompressionMethod):
     def scores(self, layer: LayerInput) -> torch.Tensor:
         """[B, Hkv, T]: the score behind the protected top-k tokens and the pivots (`score`)."""
         return layer.scores.source(
-            self.score, self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling
+            self.score, self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling,
+            score_kernel=self.score_kernel, score_pooling=self.score_pooling,
         )
 
     def needs_reconstruction(self) -> bool:
