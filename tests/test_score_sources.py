@@ -85,19 +85,12 @@ def test_a_wide_max_pooled_window_protects_the_whole_span_around_a_spike():
 
 
 @pytest.mark.parametrize("name", ["kvmerger", "fitted-kvmerger"])
-def test_window_pooling_is_checked(name):
-    with pytest.raises(ValueError, match="window_kernel must be a positive odd integer"):
-        get_method(name, window_kernel=4)
-    with pytest.raises(ValueError, match="window_pooling must be one of"):
-        get_method(name, window_pooling="median")
-
-
-@pytest.mark.parametrize("name", ["kvmerger", "fitted-kvmerger"])
-def test_score_pooling_is_checked(name):
-    with pytest.raises(ValueError, match="score_kernel must be a positive odd integer"):
-        get_method(name, score_kernel=0)
-    with pytest.raises(ValueError, match="score_pooling must be one of"):
-        get_method(name, score_pooling="sum")
+@pytest.mark.parametrize("scores", ["window", "score"])  # the window's pooling, and the other sources'
+def test_pooling_parameters_are_checked(name, scores):
+    with pytest.raises(ValueError, match=f"{scores}_kernel must be a positive odd integer"):
+        get_method(name, **{f"{scores}_kernel": 4})
+    with pytest.raises(ValueError, match=f"{scores}_pooling must be one of"):
+        get_method(name, **{f"{scores}_pooling": "median"})
 
 
 def test_pooling_keeps_the_sinks_and_does_not_spread_them():
