@@ -113,6 +113,9 @@ def test_the_other_sources_pool_only_when_asked():
     method = get_method("kvmerger", budget=0.5, score_kernel=9)
     layer = LayerInput(keys, keys.clone(), scores, 0, 1, method.target_slots(40))
     assert torch.equal(method.scores(layer), wide)
+    assert method.compress(layer).accumulated is None  # a pooled score is no attention received: not held as one
+    plain = get_method("kvmerger", budget=0.5)
+    assert plain.compress(layer).accumulated is not None
     assert get_method("fitted-kvmerger", score_kernel=9, score_pooling="avg").merger().score_kernel == 9
 
 

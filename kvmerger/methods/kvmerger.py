@@ -59,8 +59,9 @@ Choices where the paper is silent or uncertain (each one a parameter):
   section 9), not on the reported samples.
 * ``score_kernel=1``, ``score_pooling="max"`` (defaults: no pooling, as the aggregated,
   reconstruction and expected sources' papers): the same pooling for the other sources, to study
-  whether a sentence around a top-scored token should rank with it when no question is there
-  (docs/BENCHMARKS.md section 9). The sources' +inf sinks stay on the sinks.
+  whether a sentence around a top-scored token should rank with it when no question is there. The
+  sources' +inf sinks stay on the sinks. Off by default: compressing once on the tuning seed, a max
+  over 31 keys kept more needles and lost the pass keys (docs/BENCHMARKS.md section 9).
 * ``max_set_size=None`` (default, the paper's): a merging set is as long as its run of similar
   neighbours. Issue 12 asked whether capping the sets keeps more of what is asked (a number's
   digits have alike keys and fold into one slot). With a cap ``c``, runs are cut into pieces of at
@@ -69,8 +70,9 @@ Choices where the paper is silent or uncertain (each one a parameter):
   piece per added pair, so that count is met exactly; a binary search over the number of pairs,
   vectorised over rows). A row whose unprotected runs cannot reach the budget in pieces of ``c``
   is merged without the cap, and the statistics count it (``cap_relaxed_rows``). The cap applies
-  to the prompt's merge, not to the merges that hold the budget during generation. Measured in
-  docs/BENCHMARKS.md section 9.
+  to the prompt's merge, not to the merges that hold the budget during generation. Off by default:
+  on the tuning seed it changed no pass-key answer and raised the LM KL (docs/BENCHMARKS.md
+  section 9).
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
   [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
@@ -332,7 +334,7 @@ class KVMerger(CompressionMethod):
             # attention received so far, to hold the budget while generating (another score is no such sum)
             accumulated=(
                 _segment_sum(attention.float(), sets.segment, slots).reshape(batch, heads, slots)
-                if self.score == "aggregated"
+                if self.score == "aggregated" and self.score_kernel == 1
                 else None
             ),
             notes={
