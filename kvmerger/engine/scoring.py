@@ -358,8 +358,6 @@ def pool_finite_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> 
     """`pool_scores` of non-negative scores whose always-kept tokens (the sources' sinks) are +inf:
     those stay +inf and pool as 0 for their neighbours, so that nearness to a sink ranks no token."""
     always = scores.isposinf()
-    if not bool(always.any()):
-        return pool_scores(scores, kernel_size, pooling)
     return pool_scores(scores.masked_fill(always, 0.0), kernel_size, pooling).masked_fill(always, float("inf"))
 
 

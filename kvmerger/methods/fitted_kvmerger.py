@@ -194,13 +194,7 @@ class FittedKVMerger(CompressionMethod):
         prior_values = merged_values.float() / scale
         fitted = fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge)
         notes = fit_report(features, targets, prior, prior_values, weights, fitted)
-        notes.update(
-            n_recent=sets.n_recent,
-            n_topk=sets.n_topk,
-            protection_shrunk=sets.protection_shrunk,
-            **({"cap_relaxed_rows": sets.cap_relaxed_rows} if self.max_set_size is not None else {}),
-            reference_queries=int(ref.queries.shape[1]),
-        )
+        notes.update(sets.protection_notes(), reference_queries=int(ref.queries.shape[1]))
         return LayerOutput(
             keys=slot_keys.reshape(batch, heads, slots, dim),
             values=finite_as(fitted * scale, layer.values.dtype).reshape(batch, heads, slots, -1),

@@ -131,7 +131,14 @@ class MergingSets:
     n_topk: int  # top-scored tokens asked to be protected (each row kept `topk_kept` of them)
     protection_shrunk: bool
     topk_kept: torch.Tensor  # [N] long
-    cap_relaxed_rows: int = 0  # rows merged without `max_set_size`: the cap could not reach the budget
+    cap_relaxed_rows: int | None = None  # rows merged without `max_set_size` (could not reach the budget); None: no cap
+
+    def protection_notes(self) -> dict[str, int | bool]:
+        """What protection and the cap did, for a layer report's notes."""
+        notes = {"n_recent": self.n_recent, "n_topk": self.n_topk, "protection_shrunk": self.protection_shrunk}
+        if self.cap_relaxed_rows is not None:
+            notes["cap_relaxed_rows"] = self.cap_relaxed_rows
+        return notes
 
 
 @dataclass
@@ -286,7 +293,7 @@ class KVMerger(CompressionMethod):
             protected = protected_tokens(attention, n_recent, n_topk)
         similarity = adjacent_similarity(keys)
         eligible = ~protected[:, 1:] & ~protected[:, :-1]
-        relaxed = 0
+        relaxed = None if self.max_set_size is None else 0
         if self.mode == "paper":
             merged = eligible & (similarity > self.eps)
             if self.max_set_size is not None:
@@ -338,14 +345,11 @@ class KVMerger(CompressionMethod):
                 else None
             ),
             notes={
-                "n_recent": sets.n_recent,
-                "n_topk": sets.n_topk,
+                **sets.protection_notes(),
                 "topk_kept_mean": float(sets.topk_kept.float().mean()),
-                "protection_shrunk": sets.protection_shrunk,
                 "real_slots_mean": float(sets.count.float().mean()),
                 "weakest_merged_similarity": _weakest_merged_similarity(sets),
                 "largest_set_mean": float(sizes.amax(dim=-1).float().mean()),
-                **({"cap_relaxed_rows": sets.cap_relaxed_rows} if self.max_set_size is not None else {}),
             },
         )
 
@@ -477,12 +481,12 @@ def capped_similar_pairs(
     cannot reach it even with every eligible pair are merged without the cap (`relaxed`).
     """
     rows, pairs = similarity.shape
-    uncapped = most_similar_pairs(similarity, eligible, count)
+    ranked = similarity.float().masked_fill(~eligible, float("-inf"))
+    order = top_indices(ranked, pairs)  # most similar first, ties to the later pair, as most_similar_pairs
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(pairs, device=order.device).expand(rows, -1))
+    uncapped = eligible & (rank < count)  # most_similar_pairs(similarity, eligible, count), from this ranking
     if count == 0:
         return uncapped, torch.zeros(rows, dtype=torch.bool, device=similarity.device)
-    ranked = similarity.float().masked_fill(~eligible, float("-inf"))
-    order = top_indices(ranked, pairs)  # most similar first, ties to the later pair
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(pairs, device=order.device).expand(rows, -1))
     available = eligible.sum(dim=1)
 
     def merged_count(taken: torch.Tensor) -> torch.Tensor:
