@@ -10,12 +10,18 @@ reports over all layers and KV heads:
   a score blind to the answer keeps about `budget` of them;
 * `whole`: the share of (layer, head) pairs that keep every one of them.
 
+With `--head-budgets layer`, each layer keeps its H x S highest-scored (head, token) pairs wherever
+they fall, as KVzip's reference and kvpress's KVzipPress do (``layerwise=True``), instead of S per
+head; `padded` is then the memory a dense cache would need to hold that selection, the largest head's
+count over T, averaged over layers (with S per head it is S / T).
+
 Answers must appear verbatim in the context: pass key (one or several keys) and RULER's NIAH.
 Nothing here is tuned; it shows why evicting by a score loses what a later question needs.
 
     python benchmarks/answer_recall.py                       # pass key with 3 keys, compress-once, 0.35
     python benchmarks/answer_recall.py --tasks ruler-niah --protocol query-aware --budgets 0.5 0.35 0.1
     python benchmarks/answer_recall.py --protocol query-aware --sources window --window-kernel 31 --window-pooling max
+    python benchmarks/answer_recall.py --tasks passkey needle --sources reconstruction --budgets 0.5 0.35 --head-budgets layer
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from kvmerger.methods.base import check_pooling, slots_for_budget
 from measure import RESULTS, describe_machine, machine, minutes, write_results  # noqa: E402
 
 PROTOCOLS = ("query-agnostic", "query-aware")
+HEAD_BUDGETS = ("head", "layer")  # S slots per KV head (kvmerger's rule), or H x S per layer shared by its heads
 
 
 def answer_positions(ids: list[int], tokenizer, answers: list[str]) -> list[int]:
@@ -60,11 +67,25 @@ def prompt_ids(tokenizer, sample: Sample, protocol: str) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int) -> torch.Tensor:
-    """[Hkv]: per KV head of one layer's scores [1, Hkv, T], the share of `positions` among its top `slots`."""
-    top = scores[0].topk(slots, dim=-1).indices
-    kept = torch.zeros_like(scores[0], dtype=torch.bool).scatter_(1, top, True)
-    return kept[:, positions].float().mean(dim=1)
+def kept_in_top(scores: torch.Tensor, slots: int, head_budgets: str = "head") -> torch.Tensor:
+    """[Hkv, T] bool: what one layer's scores [1, Hkv, T] keep, `slots` per head ("head") or the
+    layer's Hkv x `slots` highest pairs wherever they fall ("layer")."""
+    heads, length = scores.shape[1:]
+    if head_budgets == "head":
+        top = scores[0].topk(slots, dim=-1).indices
+        return torch.zeros_like(scores[0], dtype=torch.bool).scatter_(1, top, True)
+    top = scores[0].flatten().topk(heads * slots).indices
+    return torch.zeros(heads * length, dtype=torch.bool, device=scores.device).index_fill_(0, top, True).view(heads, length)
+
+
+def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int, head_budgets: str = "head") -> torch.Tensor:
+    """[Hkv]: per KV head of one layer's scores [1, Hkv, T], the share of `positions` among what it keeps."""
+    return kept_in_top(scores, slots, head_budgets)[:, positions].float().mean(dim=1)
+
+
+def padded_share(scores: torch.Tensor, slots: int, head_budgets: str) -> float:
+    """The largest head's kept count over T: the memory a dense [Hkv, S'] tensor of the layer needs."""
+    return kept_in_top(scores, slots, head_budgets).sum(dim=1).max().item() / scores.shape[-1]
 
 
 def source_label(source: str, window_kernel: int, window_pooling: str) -> str:
@@ -76,7 +97,7 @@ def source_label(source: str, window_kernel: int, window_pooling: str) -> str:
 
 def measure_sample(
     model, tokenizer, sample: Sample, protocol: str, sources: list[str], budgets: list[float],
-    window_kernel: int = POOL_KERNEL, window_pooling: str = POOLING,
+    window_kernel: int = POOL_KERNEL, window_pooling: str = POOLING, head_budgets: str = "head",
 ) -> list[dict]:
     """One row per source and budget for one sample: recall and whole, averaged over layers and heads."""
     ids = prompt_ids(tokenizer, sample, protocol)
@@ -93,10 +114,11 @@ def measure_sample(
         label = source_label(source, window_kernel, window_pooling)
         for budget in budgets:
             slots = slots_for_budget(length, budget)
-            recalls = torch.stack([recall_in_top(scores, positions, slots) for scores in per_layer])
+            recalls = torch.stack([recall_in_top(scores, positions, slots, head_budgets) for scores in per_layer])
+            padded = statistics.mean(padded_share(scores, slots, head_budgets) for scores in per_layer)
             rows.append({
                 "source": label, "budget": budget, "tokens": length, "answer_tokens": len(positions),
-                "recall": recalls.mean().item(), "whole": (recalls == 1).float().mean().item(),
+                "recall": recalls.mean().item(), "whole": (recalls == 1).float().mean().item(), "padded": padded,
             })
     return rows
 
@@ -116,6 +138,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "source": source, "budget": budget, "samples": len(mine),
             "recall": statistics.mean(row["recall"] for row in mine),
             "whole": statistics.mean(row["whole"] for row in mine),
+            "padded": statistics.mean(row["padded"] for row in mine),
         })
     return summary
 
@@ -129,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", nargs="+", type=options.budget, default=[0.35])
     parser.add_argument("--window-kernel", type=options.positive_int, default=POOL_KERNEL, help="odd; SnapKV's 5")
     parser.add_argument("--window-pooling", default=POOLING, choices=POOLINGS)
+    parser.add_argument(
+        "--head-budgets", default="head", choices=HEAD_BUDGETS,
+        help="S slots per KV head (kvmerger's rule), or the layer's H x S shared by its heads (KVzip's reference)",
+    )
     parser.add_argument("--length", type=options.positive_int, default=2048)
     parser.add_argument("--samples", type=options.positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -141,22 +168,29 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [get_task(name, **params) for name, params in map(parse_spec, args.tasks)]
     model, tokenizer = load_model(args.model)
     info = machine()
-    print(f"# {describe_machine(info)}; {args.protocol}; {args.length} tokens, {args.samples} samples, seed {args.seed}")
+    print(
+        f"# {describe_machine(info)}; {args.protocol}; {args.length} tokens, {args.samples} samples, seed {args.seed}; "
+        f"budgets per {args.head_budgets}"
+    )
     per_sample = 5.0 + (25.0 if "reconstruction" in args.sources else 3.0)  # seconds at 2k on the idle 2-core VM
     print(f"# expected runtime on the idle 2-core VM: about {minutes(len(tasks) * args.samples * per_sample * (args.length / 2048) ** 1.5)}")
-    print("| task | source | budget | recall of the answer's tokens | heads keeping all of them |")
-    print("|---|---|---|---|---|")
+    print("| task | source | budget | recall of the answer's tokens | heads keeping all of them | padded memory |")
+    print("|---|---|---|---|---|---|")
     results = []
     for spec, task in zip(args.tasks, tasks, strict=True):
         rows = []
         samples = task_samples(task, tokenizer, args.length, args.samples, args.seed)
         for number, sample in enumerate(samples, start=1):
             rows += measure_sample(
-                model, tokenizer, sample, args.protocol, args.sources, args.budgets, args.window_kernel, args.window_pooling
+                model, tokenizer, sample, args.protocol, args.sources, args.budgets, args.window_kernel, args.window_pooling,
+                args.head_budgets,
             )
             print(f"# {spec}: sample {number}/{len(samples)} done", file=sys.stderr, flush=True)
         for row in summarise(rows):
-            print(f"| {spec} | {row['source']} | {row['budget']} | {row['recall']:.2f} | {row['whole']:.2f} |", flush=True)
+            print(
+                f"| {spec} | {row['source']} | {row['budget']} | {row['recall']:.2f} | {row['whole']:.2f} | {row['padded']:.3f} |",
+                flush=True,
+            )
             results.append({"task": spec, **row})
     write_results(args.out, {"machine": info, "settings": vars(args) | {"out": str(args.out)}, "rows": results})
 

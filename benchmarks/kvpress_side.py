@@ -50,11 +50,13 @@ PRESSES: dict[str, str] = {
     "TOVA": "TOVAPress",
     "Merging(K-norm)": "MergingPress",
     "KVzip": "KVzipPress",
+    "KVzip-per-head": "KVzipPress",
 }
-# Run only when named: kvpress 0.5.5's KVzipPress masks the evicted pairs instead of removing them (its
-# cache keeps every slot, so the slot check fails) and shares each layer's budget across its heads, a
-# different rule from kvmerger's kvzip (the same count per head); and it prefills the context 2-3 times.
-OPT_IN_PRESSES = ("KVzip",)
+# Run only when named, for they prefill the context 2-3 times more. kvpress 0.5.5's KVzipPress masks the
+# evicted pairs instead of removing them (its cache keeps every slot, so the slot check fails) and shares
+# each layer's budget across its heads, a different rule from kvmerger's kvzip (the same count per head).
+# "KVzip-per-head" is kvpress's KVzip scoring under kvmerger's rule (`per_head_kvzip`): the like-for-like row.
+OPT_IN_PRESSES = ("KVzip", "KVzip-per-head")
 NEEDS_EAGER = {"ObservedAttention"}  # it reads the attention weights, which only eager attention returns
 NO_PRESS = "no press"
 KL_QUANTILE = 0.99  # as kvmerger's LanguageModeling (language_modeling.KL_QUANTILE; this side cannot import kvmerger)
@@ -83,7 +85,47 @@ def build_press(name: str, ratio: float):
         return kvpress.MergingPress(press=kvpress.KnormPress(compression_ratio=ratio))
     if name == "KVzip":  # every layer the same ratio, as kvmerger's kvzip (kvpress's default ranks across layers)
         return kvpress.KVzipPress(compression_ratio=ratio, layerwise=True)
+    if name == "KVzip-per-head":
+        return per_head_kvzip(ratio)
     return getattr(kvpress, PRESSES[name])(compression_ratio=ratio)
+
+
+def top_slots_per_head(scores, kept: int, sinks: int):
+    """[..., kept] positions, ascending, of the `kept` highest `scores` [..., T] per head; the first `sinks` always."""
+    import torch
+
+    scores = scores.clone()
+    scores[..., :sinks] = torch.inf
+    return scores.topk(kept, dim=-1).indices.sort(dim=-1).values
+
+
+def per_head_kvzip(ratio: float):
+    """kvpress's KVzip scoring under kvmerger's kvzip rule, for a like-for-like row.
+
+    Two changes to kvpress 0.5.5's `KVzipPress`, its scoring untouched:
+    * the repeated context starts after the `n_sink` sink tokens, not after a chat-template header
+      (kvpress assumes a chat-formatted context and would leave the header's tokens unscored; the
+      harness's prompts are plain text, and kvmerger's reconstruction repeats everything after the
+      sinks), so both softmaxes run over the same keys: sinks, the chunk, the repeat's own;
+    * every layer and KV head keeps the same `int(T * (1 - ratio))` pairs, the highest-scored and the
+      sinks, and the others are removed from the cache instead of masked, so the slot check holds.
+    """
+    import kvpress
+
+    class KVzipPerHeadPress(kvpress.KVzipPress):
+        def prepare(self, model, tokenizer, prev_postfix_size=8):
+            self.prefix_length = self.n_sink  # read by prepare and then as the first chunk's start
+            return super().prepare(model, tokenizer, prev_postfix_size)
+
+        def compress_post(self, model):
+            kept = kvpress_kept(self.score_val.shape[-1], self.compression_ratio)
+            for layer_idx, layer in enumerate(self._cache.layers):
+                slots = top_slots_per_head(self.score_val[layer_idx], kept, self.n_sink)
+                index = slots.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+                layer.keys = layer.keys.gather(2, index)
+                layer.values = layer.values.gather(2, index)
+
+    return KVzipPerHeadPress(compression_ratio=ratio, layerwise=True)
 
 
 def load_metrics(path: str):

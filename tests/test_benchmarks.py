@@ -33,7 +33,7 @@ from kvmerger.evaluation.tasks import Sample, get_task  # noqa: E402
 from kvmerger.evaluation.tasks.base import Question  # noqa: E402
 from kvmerger.evaluation.tasks.language_modeling import LanguageModeling  # noqa: E402
 from kvmerger.methods import FullCache  # noqa: E402
-from kvmerger.methods.base import slots_for_budget  # noqa: E402
+from kvmerger.methods.base import slots_for_budget, top_indices  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # measure.py
@@ -278,6 +278,19 @@ def test_kvpress_ratio_keeps_exactly_kvmergers_slot_count(budget):
         assert abs(ratio - (1 - budget)) < 1.5 / length + 1e-12
 
 
+def test_like_for_like_kvzip_press_keeps_kvmergers_kvzip_slots_for_the_same_scores():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(1, 3, 97, generator=generator)
+    for budget in (0.5, 0.35, 0.1):
+        slots = slots_for_budget(97, budget)
+        ours = scores.clone()
+        ours[..., :4] = math.inf  # kvmerger's reconstruction scores the sinks +inf
+        expected = top_indices(ours, slots).sort(dim=-1).values
+        theirs = kvpress_side.top_slots_per_head(scores, slots, sinks=4)
+        assert torch.equal(theirs, expected)
+        assert theirs[..., :4].eq(torch.arange(4)).all()
+
+
 def test_kvpress_side_language_modelling_metrics_match_the_harness():
     metrics = kvpress_side.load_metrics(str(BENCHMARKS.parent / "kvmerger" / "evaluation" / "metrics.py"))
     generator = torch.Generator().manual_seed(0)
@@ -487,6 +500,15 @@ def test_answer_recall_counts_the_answer_tokens_in_each_heads_top():
     recall = answer_recall.recall_in_top(scores, [0, 1], slots=2)
     assert recall.tolist() == [1.0, 0.0]
     assert answer_recall.recall_in_top(scores, [1, 4], slots=2).tolist() == [0.5, 0.5]
+
+
+def test_answer_recall_shares_a_layers_budget_across_its_heads_when_asked():
+    scores = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]]])  # [1, 2 heads, 5]
+    shared = answer_recall.kept_in_top(scores, slots=2, head_budgets="layer")
+    assert shared.tolist() == [[True, True, True, True, False], [False] * 5]  # the layer's 4 best pairs
+    assert answer_recall.recall_in_top(scores, [0, 3], slots=2, head_budgets="layer").tolist() == [1.0, 0.0]
+    assert answer_recall.padded_share(scores, 2, "layer") == 4 / 5  # a dense cache would need 4 slots per head
+    assert answer_recall.padded_share(scores, 2, "head") == 2 / 5
 
 
 def test_answer_recall_runs_end_to_end_on_a_tiny_model(tiny_llama, monkeypatch, tmp_path, capsys):

@@ -16,7 +16,10 @@ Choices:
 * Budgets: the reference ranks all layers and heads together (``layerwise=False``: non-uniform head
   budgets), with a uniform-budget option (its ``_threshold_uniform``). Here every layer and KV head
   keeps exactly ``S`` slots, the engine's budget semantics shared by every method, which is the
-  uniform option.
+  uniform option. It costs KVzip much of its quality here: kvpress's press with the same scores and
+  a layer's budget shared by its heads (masked, so no memory freed) kept 5 of 5 pass keys at 0.35
+  where this rule keeps 3 of 5 (docs/BENCHMARKS.md section 4); its heads' shares are very uneven,
+  so a dense cache would need far more than ``S`` slots to hold that selection.
 * Grouped-query attention: the maximum is also taken over the query heads of the group, as the
   reference does.
 * Ties go to the later token (`top_indices`).
