@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 VARIANTS = {
     "kvmerger": [{"mode": "exact"}, {"mode": "paper"}, {"size_bias": True}, {"mode": "paper", "size_bias": True}],
     "fitted-kvmerger": [{}, {"slot_keys": "pivot"}],
+    **{name: [{}, {"head_budget": "shared"}] for name in ("expected-attention", "kvzip", "snapkv")},
 }
 FIXED_BUDGET = {"full": 1.0}
 
@@ -163,7 +165,12 @@ def test_one_to_three_tokens_at_one_slot_and_at_all_slots(name, params, length, 
     method = build(name, params, budget)
     keys, values, scores = tiny_layer(length)
     output, report = compress_layer(method, keys, values, scores, layer_idx=0, num_layers=1)
-    slots = output.keys.shape[-2]
+    if output.slot_heads is not None:  # a shared head budget, packed head by head: as [B, Hkv, S] when heads are equal
+        assert [sum(counts) for counts in output.notes["head_slots"]] == [2 * report.slots_after] * 2
+        if report.slots_after == length:
+            keys, values = (getattr(output, n).reshape(2, 2, length, -1) for n in ("keys", "values"))
+            output = replace(output, keys=keys, values=values, positions=output.positions.reshape(2, 2, length))
+    slots = report.slots_after if output.slot_heads is not None else output.keys.shape[-2]
     if method.keeps_budget():
         assert slots == (1 if method.budget < 0.5 else length) == report.slots_after
     if method.keeps_budget() and slots == length:  # nothing to remove: every token keeps its own slot and key

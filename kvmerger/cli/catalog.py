@@ -34,6 +34,11 @@ def _budget(default: float = 0.5) -> Parameter:
     return Parameter("budget", "float", default, BUDGET_HELP)
 
 
+HEAD_BUDGET = Parameter(
+    "head_budget", "str", "equal", "equal: S slots per KV head; shared: a layer's heads share its slots by score (packed)"
+)
+
+
 CATALOG: tuple[MethodEntry, ...] = (
     MethodEntry(
         "attention-matching",
@@ -74,6 +79,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("use_vnorm", "bool", True, "multiply the score by the value's norm"),
             Parameter("epsilon", "float", 0.0, "added to the score before the value norm"),
             Parameter("query_window", "int | None", None, "fit the Gaussian on the last queries only (None: all)"),
+            HEAD_BUDGET,
         ),
     ),
     MethodEntry(
@@ -146,7 +152,7 @@ CATALOG: tuple[MethodEntry, ...] = (
     MethodEntry(
         "kvzip",
         "KVzip (Kim et al. 2025): keep the keys most attended while the model repeats the context (query-agnostic)",
-        (_budget(),),
+        (_budget(), HEAD_BUDGET),
     ),
     MethodEntry(
         "random",
@@ -161,6 +167,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("window", "int", 32, "last prompt queries whose attention scores the keys (always kept)"),
             Parameter("kernel_size", "int", 5, "odd width of the pooling along the sequence"),
             Parameter("pooling", "str", "avg", "avg or max pooling"),
+            HEAD_BUDGET,
         ),
     ),
     MethodEntry(

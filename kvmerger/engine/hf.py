@@ -2,9 +2,12 @@
 
 * `CompressedLayer` / `CompressedCache`: a cache whose layers keep *tokens seen* (RoPE positions,
   `generate()`'s input slicing) apart from *slots stored* (mask sizes), plus an optional additive
-  logit bias per stored slot and KV head.
+  logit bias per stored slot and KV head. A layer whose heads share its budget (they hold different
+  numbers of slots) is *packed*: every head's slots in one row [B, 1, N, d] with a KV-head tag per
+  slot, so that the tensors hold exactly the slots kept, no padding.
 * The attention function registered as ``"kvmerger"``: transformers' own sdpa path, with the
-  per-slot bias added, and the hook through which a compression session sees each layer's query
+  per-slot bias added (for a packed layer: one sdpa call over the row, each query head masked to
+  its KV head's slots), and the hook through which a compression session sees each layer's query
   and key states once, right after the prompt's prefill attention of that layer (with each
   softmax row's log-normaliser, where `engine.kernels` can keep it).
 * Layer kinds: full-attention layers get a `CompressedLayer` and are compressed; sliding-window
@@ -65,18 +68,25 @@ class CompressedLayer(DynamicLayer):
         self.compressed_slots = 0  # slots right after the last compression (0: never compressed)
         self.prefill_pending = False
         self.hold = None  # per-slot metadata while the engine holds the budget (engine.session.SlotMeta)
+        self.slot_heads: torch.Tensor | None = None  # [batch, slots] uint8: packed layout, the KV head of each slot
+        self.kv_heads = 0  # KV heads of a packed layer
 
     # -- what transformers asks ----------------------------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot_bias is not None and active_session() is None:
+        if (self.slot_bias is not None or self.slot_heads is not None) and active_session() is None:
+            held = "per-slot attention biases" if self.slot_bias is not None else "heads packed into one row"
             raise RuntimeError(
-                "This kvmerger cache holds per-slot attention biases, which only kvmerger's attention "
-                "function applies. Run the model inside `kvmerger.compress(model, method)`."
+                f"This kvmerger cache holds {held}, which only kvmerger's attention "
+                "function reads. Run the model inside `kvmerger.compress(model, method)`."
             )
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
         new_tokens = key_states.shape[-2]
+        if self.slot_heads is not None:
+            key_states, value_states = pack_heads(key_states), pack_heads(value_states)
+            tags = torch.arange(self.kv_heads, dtype=torch.uint8, device=self.slot_heads.device).repeat(new_tokens)
+            self.slot_heads = torch.cat([self.slot_heads, tags.expand(self.slot_heads.shape[0], -1)], dim=-1)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.slot_bias is not None:
             pad = self.slot_bias.new_zeros(*self.slot_bias.shape[:-1], new_tokens)
             self.slot_bias = torch.cat([self.slot_bias, pad], dim=-1)
@@ -105,7 +115,11 @@ class CompressedLayer(DynamicLayer):
             raise ValueError(
                 f"cannot crop {remove} tokens: only the {appended} tokens appended after compression can be removed"
             )
-        super().crop(tokens_to_remove)
+        if remove and self.slot_heads is not None:
+            super().crop(-remove * self.kv_heads)
+            self.slot_heads = self.slot_heads[..., : -remove * self.kv_heads]
+        else:
+            super().crop(tokens_to_remove)
         if remove and self.slot_bias is not None:
             self.slot_bias = self.slot_bias[..., :-remove]
         self.seen_tokens -= remove
@@ -117,36 +131,62 @@ class CompressedLayer(DynamicLayer):
         self.compressed_slots = 0
         self.prefill_pending = False
         self.hold = None
+        self.slot_heads = None
+        self.kv_heads = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
+        if self.slot_heads is not None:
+            self.slot_heads = self.slot_heads.index_select(0, beam_idx.to(self.slot_heads.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
+        if self.slot_heads is not None:
+            self.slot_heads = self.slot_heads.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias[indices, ...]
+        if self.slot_heads is not None:
+            self.slot_heads = self.slot_heads[indices, ...]
 
     # -- what the engine asks ------------------------------------------------------------------
     @property
     def stored_slots(self) -> int:
+        """Slots stored per KV head (for a packed layer, the heads' average: its row over its KV heads)."""
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
-        return self.keys.shape[-2]
+        return self.keys.shape[-2] // (self.kv_heads if self.slot_heads is not None else 1)
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Swap the stored tensors for compressed ones; the tokens seen stay as they are."""
+    @property
+    def packed(self) -> bool:
+        """Whether the heads share the layer's slots in one row (keys [B, 1, N, d], `slot_heads` [B, N])."""
+        return self.slot_heads is not None
+
+    def replace(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None,
+        slot_heads: torch.Tensor | None = None,
+        kv_heads: int = 0,
+    ) -> None:
+        """Swap the stored tensors for compressed ones; the tokens seen stay as they are. With
+        `slot_heads` ([B, N] uint8) the tensors are a packed row [B, 1, N, d] of `kv_heads` heads."""
+        if slot_heads is not None and (bias is not None or keys.shape[1] != 1 or kv_heads < 1):
+            raise ValueError("a packed layer holds keys [B, 1, N, d], no per-slot bias, and its count of KV heads")
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self.slot_bias = None if bias is None else bias.float()
-        self.compressed_slots = keys.shape[-2]
+        self.slot_heads = slot_heads
+        self.kv_heads = kv_heads if slot_heads is not None else 0
+        self.compressed_slots = self.stored_slots
         self.prefill_pending = False
 
     def nbytes(self) -> int:
@@ -154,9 +194,16 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        if self.slot_bias is not None:
-            total += self.slot_bias.numel() * self.slot_bias.element_size()
+        for extra in (self.slot_bias, self.slot_heads):
+            if extra is not None:
+                total += extra.numel() * extra.element_size()
         return total
+
+
+def pack_heads(states: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, d] -> [B, 1, n * H, d]: token by token, each token's heads in order (a packed layer's new slots)."""
+    batch, heads, tokens, dim = states.shape
+    return states.transpose(1, 2).reshape(batch, 1, tokens * heads, dim)
 
 
 class CompressedCache(Cache):
@@ -176,10 +223,11 @@ class CompressedCache(Cache):
     @classmethod
     def from_tensors(
         cls,
-        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | CacheLayerMixin],
+        layers: list[tuple | CacheLayerMixin],
         seen_tokens: int,
     ) -> CompressedCache:
-        """A cache holding the given (keys, values, bias) per compressed layer, having seen `seen_tokens`.
+        """A cache holding the given (keys, values, bias) per compressed layer, having seen `seen_tokens`
+        ((keys, values, None, slot_heads, kv_heads) for a packed layer, `CompressedLayer.replace`).
 
         An item that is a cache layer instead (a sliding-window layer, which is never compressed) is
         taken over as a copy that shares its tensors (they are replaced, never written in place,
@@ -190,11 +238,10 @@ class CompressedCache(Cache):
             if isinstance(item, CacheLayerMixin):
                 built.append(copy.copy(item))
                 continue
-            keys, values, bias = item
             layer = CompressedLayer()
-            layer.replace(keys, values, bias)
+            layer.replace(*item)
             layer.seen_tokens = seen_tokens
-            layer.compressed_slots = keys.shape[-2] if keys.shape[-2] < seen_tokens else 0
+            layer.compressed_slots = layer.stored_slots if layer.stored_slots < seen_tokens else 0
             built.append(layer)
         return cls(layers=built)
 
@@ -209,7 +256,7 @@ class CompressedCache(Cache):
                 continue
             mine = CompressedLayer()
             if theirs.is_initialized:
-                mine.replace(theirs.keys, theirs.values, theirs.slot_bias)
+                mine.replace(theirs.keys, theirs.values, theirs.slot_bias, theirs.slot_heads, theirs.kv_heads)
             mine.seen_tokens = theirs.seen_tokens
             mine.compressed_slots = theirs.compressed_slots
             mine.hold = theirs.hold
@@ -261,6 +308,8 @@ def layer_nbytes(layer: CacheLayerMixin) -> int:
 
 
 def layer_slots(layer: CacheLayerMixin) -> int:
+    if isinstance(layer, CompressedLayer):
+        return layer.stored_slots
     if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
         return 0
     return layer.keys.shape[-2]
@@ -368,6 +417,10 @@ def kvmerger_attention(
         and _can_keep_lse(module, query, key, value, attention_mask, dropout, kwargs)
     ):
         output, lse = _prefill_attention_with_lse(query, key, value, scaling)
+    elif layer is not None and layer.packed:
+        output = _packed_attention(
+            query, key, value, layer.slot_heads, layer.kv_heads, attention_mask, scaling, dropout, kwargs
+        )
     else:
         position_bias = _query_head_bias(layer.slot_bias, query) if layer is not None else None
         if layer is not None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
@@ -416,6 +469,58 @@ def _prefill_attention_with_lse(
         query, repeat_kv(key, group), repeat_kv(value, group), scaling
     )
     return output.transpose(1, 2).contiguous(), lse
+
+
+def _packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_heads: torch.Tensor,
+    kv_heads: int,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Attention over a packed layer, in transformers' output layout [B, q_len, q_heads, d].
+
+    key, value: [B, 1, N, d], the heads' slots in one row, `slot_heads` [B, N] tagging each; the
+    last ``q_len * kv_heads`` slots are this pass's tokens (`pack_heads`). Every (query head, query)
+    pair becomes one row of a single sdpa call over the whole row, masked to its KV head's slots and,
+    among this pass's tokens, to the causal (and padding) block of transformers' mask. The arithmetic
+    is ``kv_heads`` times that of a dense layer of the same average length; the memory is the slots kept.
+    """
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise NotImplementedError(
+            "a layer whose heads share the budget supports plain softmax attention only (no dropout, logit "
+            "soft-capping or sliding window)"
+        )
+    batch, q_heads, q_len, dim = query.shape
+    slots, new_slots = key.shape[-2], q_len * kv_heads
+    row_heads = torch.arange(q_heads, device=query.device) // (q_heads // kv_heads)
+    own_head = slot_heads.long().unsqueeze(1) == row_heads.view(1, q_heads, 1)  # [B, Hq, N]
+    if attention_mask is None:
+        block = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, q_len, q_len)
+    else:
+        block = attention_mask[:, 0, :, -q_len:]
+        block = block if block.dtype == torch.bool else block == 0
+        block = block.expand(batch, q_len, q_len)
+    newest = block.repeat_interleave(kv_heads, dim=-1).unsqueeze(1)  # [B, 1, q_len, new_slots]: token by token
+    visible = torch.cat(
+        [
+            own_head[..., : slots - new_slots].unsqueeze(2).expand(-1, -1, q_len, -1),
+            own_head[..., slots - new_slots :].unsqueeze(2) & newest,
+        ],
+        dim=-1,
+    )
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, 1, q_heads * q_len, dim),
+        key,
+        value,
+        attn_mask=visible.reshape(batch, 1, q_heads * q_len, slots),
+        scale=scaling,
+    )
+    return output.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
 def _mask_for_length(mask: torch.Tensor, kv_length: int) -> torch.Tensor:

@@ -148,7 +148,8 @@ class Session:
         if hold_method is not None and not hold_method.can_hold_budget():
             raise ValueError(
                 f"{hold_method.label()} cannot hold a budget while generating (the full cache keeps every "
-                "token; KVMerger's paper mode has no fixed budget); use a method with an exact budget"
+                "token, KVMerger's paper mode has no fixed budget, a shared head budget packs its heads); use a method "
+                "with an exact budget per head"
             )
         self.model = model
         self.chunk_size = chunk_size
@@ -360,6 +361,11 @@ class CompressionSession(Session):
         super().begin_forward(cache, query_length, input_ids, attention_mask)
         prefill = cache is not None and cache.get_seq_length() == 0
         self._padding = BatchPadding.from_mask(attention_mask) if prefill else None
+        if self._padding is not None and self.method.shares_head_budget():
+            raise ValueError(
+                f"{self.method.label()} lets a layer's heads share its budget, which kvmerger does not run on padded "
+                "batches: compress these prompts one at a time, or use head_budget='equal'"
+            )
         if self._padding is not None and self.defers:
             raise ValueError(
                 f"{self.method.label()} scores tokens by reconstructing one prompt with a second pass of the model, "
@@ -392,7 +398,7 @@ class CompressionSession(Session):
             layer_idx=layer_idx, context=self._context,
         )
         output, layer_report = compress_layer(self.method, key, value, scores, layer_idx, self.num_layers)
-        layer.replace(output.keys, output.values, output.bias)
+        layer.replace(*stored_tensors(output, key.shape[1]))
         if self.hold_method is not None:
             layer.hold = SlotMeta.after_compression(output, self.method.attention_received(scores), key.shape[-2])
         self._add_report(layer_report)
@@ -506,9 +512,9 @@ def compress_layer(
         layer=layer_idx,
         tokens=length,
         slots_before=length,
-        slots_after=output.keys.shape[-2],
+        slots_after=output.keys.shape[-2] // (keys.shape[1] if output.slot_heads is not None else 1),
         bytes_before=_nbytes(keys) + _nbytes(values),
-        bytes_after=_nbytes(output.keys) + _nbytes(output.values) + _nbytes(output.bias),
+        bytes_after=_nbytes(output.keys) + _nbytes(output.values) + _nbytes(output.bias) + _nbytes(output.slot_heads),
         seconds_scoring=scoring,
         seconds_compressing=elapsed - scoring,
         merge_set_sizes=_set_size_histogram(output.set_sizes),
@@ -517,7 +523,18 @@ def compress_layer(
     return output, report
 
 
+def stored_tensors(output: LayerOutput, kv_heads: int) -> tuple:
+    """What `CompressedLayer.replace` takes for `output`: (keys, values, bias), and for a packed layer
+    its slot tags and count of KV heads too."""
+    if output.slot_heads is None:
+        return output.keys, output.values, output.bias
+    return output.keys, output.values, output.bias, output.slot_heads, kv_heads
+
+
 def _check_output(method: CompressionMethod, layer: LayerInput, output: LayerOutput) -> None:
+    if output.slot_heads is not None:
+        _check_packed_output(method, layer, output)
+        return
     expected = layer.keys.shape[:2]
     if output.keys.shape[:2] != expected or output.values.shape[:2] != expected:
         raise RuntimeError(f"{method.name} changed the batch or head dimensions of layer {layer.layer_idx}")
@@ -526,6 +543,22 @@ def _check_output(method: CompressionMethod, layer: LayerInput, output: LayerOut
         raise RuntimeError(
             f"{method.name} kept {slots} slots in layer {layer.layer_idx}, but budget {method.budget} of "
             f"{layer.length} tokens means exactly {layer.slots}"
+        )
+
+
+def _check_packed_output(method: CompressionMethod, layer: LayerInput, output: LayerOutput) -> None:
+    """A shared head budget: one packed row per batch element holding exactly the layer's `Hkv * slots`."""
+    batch, heads = layer.keys.shape[:2]
+    expected = (batch, 1, heads * layer.slots)
+    if (
+        output.keys.shape[:3] != expected
+        or output.values.shape[:3] != expected
+        or tuple(output.slot_heads.shape) != (batch, heads * layer.slots)
+        or output.bias is not None
+    ):
+        raise RuntimeError(
+            f"{method.name} packed layer {layer.layer_idx} into keys {tuple(output.keys.shape)}; a shared budget of "
+            f"{layer.slots} slots per head means one row of {heads * layer.slots} slots per sequence and no bias"
         )
 
 
@@ -728,6 +761,8 @@ def compress_prefill(
     `hold_budget=True` also records what `attach(model, hold=method)` needs to keep the budget
     during generation.
     """
+    if hold_budget and not method.can_hold_budget():
+        raise ValueError(f"{method.label()} cannot hold a budget while generating; compress without hold_budget")
     report = CompressionReport(method=method.describe())
     layers: list = []
     metas: dict[int, SlotMeta] = {}
@@ -738,7 +773,7 @@ def compress_prefill(
             continue
         scores = prefill.scores[index]
         output, layer_report = compress_layer(method, layer.keys, layer.values, scores, index, num_layers)
-        layers.append((output.keys, output.values, output.bias))
+        layers.append(stored_tensors(output, layer.keys.shape[1]))
         report.layers.append(layer_report)
         if hold_budget:
             metas[index] = SlotMeta.after_compression(output, method.attention_received(scores), prefill.length)

@@ -22,6 +22,8 @@ from kvmerger.engine.scoring import POOLINGS, SCORE_SOURCES, STATISTICS, LayerSc
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 BIAS_BYTES = 4  # one float32 logit per slot and KV head
+HEAD_TAG_BYTES = 1  # one uint8 per slot: the KV head a slot of a packed (shared-budget) layer belongs to
+HEAD_BUDGETS = ("equal", "shared")
 
 
 def slots_for_budget(length: int, budget: float) -> int:
@@ -67,6 +69,10 @@ class LayerOutput:
     set_sizes: torch.Tensor | None = None  # [B, Hkv, S], long
     bias: torch.Tensor | None = None  # [B, Hkv, S], float32 additive attention logits
     notes: dict[str, Any] = field(default_factory=dict)
+    # set when the layer's heads share its budget (`keep_by_score_shared`): the heads hold different
+    # numbers of slots, packed into one row: keys and values [B, 1, N, d], positions [B, 1, N], and
+    # slot_heads[b, n] the KV head slot n belongs to (engine.hf.CompressedLayer, packed layout)
+    slot_heads: torch.Tensor | None = None  # [B, N], uint8
     # attention each slot has received so far, to start holding the budget during generation
     # (None: the engine takes the aggregated attention of the token at `positions`)
     accumulated: torch.Tensor | None = None  # [B, Hkv, S], float32
@@ -160,8 +166,9 @@ class CompressionMethod(ABC):
         together stay within the budget's bytes, the same memory as every other method.
         """
         slots = slots_for_budget(length, self.budget)
-        if self.stores_bias() and slot_bytes and slots < length:
-            slots = max(1, slots * slot_bytes // (slot_bytes + BIAS_BYTES))
+        extra = (BIAS_BYTES if self.stores_bias() else 0) + (HEAD_TAG_BYTES if self.shares_head_budget() else 0)
+        if extra and slot_bytes and slots < length:
+            slots = max(1, slots * slot_bytes // (slot_bytes + extra))
         return slots
 
     def stores_bias(self) -> bool:
@@ -174,9 +181,14 @@ class CompressionMethod(ABC):
         H2O's rule, half recent window, half heavy hitters by accumulated attention."""
         return hold_by_accumulated_attention(state, recent=state.target_slots // 2)
 
+    def shares_head_budget(self) -> bool:
+        """Whether a layer's heads share its budget (`head_budget="shared"`): its slots are packed into one
+        row with a KV-head tag per slot (one more byte per slot, counted in the budget like a bias)."""
+        return getattr(self, "head_budget", "equal") == "shared"
+
     def can_hold_budget(self) -> bool:
         """Whether `hold_budget` makes sense for this method (the engine refuses it otherwise)."""
-        return self.keeps_budget()
+        return self.keeps_budget() and not self.shares_head_budget()
 
     def keeps_budget(self) -> bool:
         """Whether every layer and head ends with exactly `target_slots` slots (the engine checks it)."""
@@ -232,6 +244,14 @@ def check_statistic(name: str) -> None:
         )
 
 
+def check_head_budget(name: str) -> None:
+    if name not in HEAD_BUDGETS:
+        raise ValueError(
+            f"head_budget must be one of {', '.join(HEAD_BUDGETS)} (every KV head keeps the budget's slots, or "
+            f"a layer's heads share them by score, Ada-KV's and kvpress KVzip's rule), got {name!r}"
+        )
+
+
 def check_score_source(name: str, field_name: str = "score") -> None:
     parts = name.split("+") if isinstance(name, str) else [name]
     if any(part not in SCORE_SOURCES for part in parts) or len(set(parts)) != len(parts):
@@ -283,6 +303,42 @@ def keep_by_score(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor 
     if forced is not None:
         ranked = ranked.masked_fill(forced, float("inf"))
     return gather_tokens(layer, top_indices(ranked, layer.slots))
+
+
+def keep_by_score_shared(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
+    """Evict down to the layer's budget shared by its heads: the `Hkv * slots` highest `scores`
+    ([B, Hkv, T]) over all heads of the layer (so scores must be comparable across heads), `forced`
+    tokens first. Each head keeps what it won, so heads hold different numbers of slots; the output
+    packs them into one row per batch element (`LayerOutput.slot_heads`), head by head, each head's
+    slots in sequence order. Ties go to the later token, then the later head (`top_indices` over
+    token-major pairs), so that tied forced tokens, such as a window, are shared out evenly."""
+    batch, heads, length = scores.shape
+    if heads > 256:
+        raise ValueError(f"a shared head budget tags each slot with its KV head in one byte; this layer has {heads} KV heads")
+    ranked = scores.float()
+    if forced is not None:
+        ranked = ranked.masked_fill(forced, float("inf"))
+    token_major = top_indices(ranked.transpose(1, 2).reshape(batch, length * heads), heads * layer.slots)
+    flat = ((token_major % heads) * length + token_major // heads).sort(dim=-1).values  # head by head
+    head_of_slot, positions = flat // length, flat % length
+    index = flat.unsqueeze(-1)
+    keys = layer.keys.reshape(batch, heads * length, -1).gather(1, index.expand(-1, -1, layer.keys.shape[-1]))
+    values = layer.values.reshape(batch, heads * length, -1).gather(1, index.expand(-1, -1, layer.values.shape[-1]))
+    counts = torch.nn.functional.one_hot(head_of_slot, heads).sum(dim=1)  # [B, Hkv]
+    return LayerOutput(
+        keys=keys.unsqueeze(1),
+        values=values.unsqueeze(1),
+        positions=positions.unsqueeze(1),
+        slot_heads=head_of_slot.to(torch.uint8),
+        notes={"head_slots": counts.tolist()},
+    )
+
+
+def keep_by_score_as(layer: LayerInput, head_budget: str, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
+    """`keep_by_score` (every head keeps `layer.slots`) or, with ``head_budget="shared"``, `keep_by_score_shared`."""
+    if head_budget == "shared":
+        return keep_by_score_shared(layer, scores, forced)
+    return keep_by_score(layer, scores, forced)
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:

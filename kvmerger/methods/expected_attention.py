@@ -27,6 +27,9 @@ Choices:
   pre-RoPE queries, QK-norms (Qwen 3, Gemma 3) included.
 * The attention scaling is the layer's own (``module.scaling``), which is ``1 / sqrt(d)`` except
   where a model sets another (Gemma's query_pre_attn_scalar); kvpress uses ``1 / sqrt(d)``.
+* ``head_budget="shared"``: a layer's heads share its ``Hkv * S`` slots by score (kvpress's AdaKV
+  and KVzip rule, without AdaKV's per-head floor), stored packed (engine.hf); default ``"equal"``,
+  ``S`` per head as in kvpress's plain press.
 * Ties go to the later token (`top_indices`).
 * During generation (engine option ``hold_budget=True``): the paper compresses the prompt once;
   the engine's default applies (H2O's eviction by accumulated attention).
@@ -39,7 +42,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, keep_by_score
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
 
 
 @dataclass
@@ -58,9 +61,11 @@ class ExpectedAttention(CompressionMethod):
     use_vnorm: bool = True
     epsilon: float = 0.0
     query_window: int | None = None
+    head_budget: str = "equal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_head_budget(self.head_budget)
         for name in ("n_future_positions", "n_sink"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "n_future_positions" else 0):
@@ -76,4 +81,4 @@ class ExpectedAttention(CompressionMethod):
         )
         if self.use_vnorm:  # the sinks keep their +inf
             scores = torch.where(scores.isinf(), scores, (scores + self.epsilon) * layer.values.float().norm(dim=-1))
-        return keep_by_score(layer, scores)
+        return keep_by_score_as(layer, self.head_budget, scores)

@@ -14,12 +14,15 @@ the score asks what the model would need to say the context again, not what one 
 Choices:
 
 * Budgets: the reference ranks all layers and heads together (``layerwise=False``: non-uniform head
-  budgets), with a uniform-budget option (its ``_threshold_uniform``). Here every layer and KV head
-  keeps exactly ``S`` slots, the engine's budget semantics shared by every method, which is the
-  uniform option. It costs KVzip much of its quality here: kvpress's press with the same scores and
-  a layer's budget shared by its heads (masked, so no memory freed) kept 5 of 5 pass keys at 0.35
-  where this rule keeps 3 of 5 (docs/BENCHMARKS.md section 4); its heads' shares are very uneven,
-  so a dense cache would need far more than ``S`` slots to hold that selection.
+  budgets), with a uniform-budget option (its ``_threshold_uniform``); kvpress's press shares each
+  layer's budget among its heads. ``head_budget="equal"`` (default): every layer and KV head keeps
+  exactly ``S`` slots, the engine's semantics shared by every method, the reference's uniform
+  option. ``head_budget="shared"``: kvpress's rule, a layer's ``Hkv * S`` highest scores over all
+  its heads (`keep_by_score_shared`), stored packed so the memory is the budget's (one tag byte per
+  slot counted in it). Equal budgets cost KVzip much of its quality here: kvpress's press with
+  shared budgets kept 5 of 5 pass keys at 0.35 where equal ones keep 3 of 5 (docs/BENCHMARKS.md
+  section 4); its heads' shares are very uneven, so a dense cache would need far more than ``S``
+  slots per head to hold that selection, hence the packed layout.
 * Grouped-query attention: the maximum is also taken over the query heads of the group, as the
   reference does.
 * Ties go to the later token (`top_indices`).
@@ -34,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, keep_by_score
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
 
 
 @dataclass
@@ -47,9 +50,14 @@ class KVzip(CompressionMethod):
     )
 
     budget: float = 0.5
+    head_budget: str = "equal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_head_budget(self.head_budget)
 
     def needs_reconstruction(self) -> bool:
         return True
 
     def compress(self, layer: LayerInput) -> LayerOutput:
-        return keep_by_score(layer, layer.scores.reconstruction_attention())
+        return keep_by_score_as(layer, self.head_budget, layer.scores.reconstruction_attention())

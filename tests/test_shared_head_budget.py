@@ -1,0 +1,165 @@
+"""A layer's heads sharing its budget (``head_budget="shared"``): the selection against a plainly
+written reference, and the packed cache against the same selection held densely (every token
+stored, the evicted ones masked by a -inf bias), through prefill, decoding, `generate()`, forks and
+crops, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmerger import compress, compress_prefill, record_prefill
+from kvmerger.engine.hf import CompressedCache, CompressedLayer
+from kvmerger.engine.session import attach, compress_layer
+from kvmerger.methods.base import LayerInput, get_method, keep_by_score_shared, slots_for_budget
+from tests.conftest import CharTokenizer, build_tiny, standalone_scores
+
+SHARED = ["snapkv", "expected-attention", "kvzip"]
+
+
+def reference_shared_selection(scores: torch.Tensor, forced: torch.Tensor, per_head: int) -> list[list[list[int]]]:
+    """For each batch element and head, the kept token indices: every (head, token) pair ranked by its
+    score (+inf if forced), ties to the later token then the later head, and the first `heads * per_head` kept."""
+    batch, heads, length = scores.shape
+    kept = []
+    for b in range(batch):
+        pairs = [(h, t) for h in range(heads) for t in range(length)]
+
+        def rank(pair: tuple[int, int]) -> tuple[float, int]:
+            head, token = pair
+            score = float("inf") if forced[b, head, token] else float(scores[b, head, token])
+            return score, token * heads + head
+
+        pairs.sort(key=rank, reverse=True)
+        chosen = pairs[: heads * per_head]
+        kept.append([sorted(t for h, t in chosen if h == head) for head in range(heads)])
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_selection_matches_the_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, length, dim = 2, 3, 17, 4
+    keys = torch.randn(batch, heads, length, dim, generator=generator)
+    values = torch.randn(batch, heads, length, dim + 1, generator=generator)
+    scores = torch.randint(0, 6, (batch, heads, length), generator=generator).float()  # ties on purpose
+    forced = torch.zeros(batch, heads, length, dtype=torch.bool)
+    forced[..., :2] = True
+    per_head = 1 + seed
+    layer = LayerInput(keys, values, standalone_scores(torch.randn(batch, 6, length, dim), keys, 0.5), 0, 1, per_head)
+    output = keep_by_score_shared(layer, scores, forced)
+    expected = reference_shared_selection(scores, forced, per_head)
+    assert output.keys.shape == (batch, 1, heads * per_head, dim) and output.slot_heads.dtype == torch.uint8
+    for b in range(batch):
+        for head in range(heads):
+            mine = output.slot_heads[b] == head
+            tokens = output.positions[b, 0, mine]
+            assert tokens.tolist() == expected[b][head]
+            assert torch.equal(output.keys[b, 0, mine], keys[b, head, tokens])
+            assert torch.equal(output.values[b, 0, mine], values[b, head, tokens])
+        assert output.notes["head_slots"][b] == [len(t) for t in expected[b]]
+
+
+def masked_twin(model, method, ids):
+    """(packed cache, dense twin): the twin stores every prompt token and masks those the method evicted."""
+    prefill = record_prefill(model, ids, tokenizer=CharTokenizer())
+    packed, report = compress_prefill(prefill, method)
+    layers = []
+    for index, (full, mine) in enumerate(zip(prefill.cache.layers, packed.layers)):
+        if not isinstance(mine, CompressedLayer):
+            layers.append(mine)
+            continue
+        output, _ = compress_layer(method, full.keys, full.values, prefill.scores[index], index, len(packed.layers))
+        bias = torch.full(full.keys.shape[:3], float("-inf"))
+        batch = torch.arange(bias.shape[0]).unsqueeze(-1)
+        bias[batch, output.slot_heads.long(), output.positions[:, 0]] = 0.0
+        layers.append((full.keys, full.values, bias))
+    twin = CompressedCache.from_tensors(layers, seen_tokens=prefill.length)
+    return packed, twin, report
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", SHARED)
+def test_packed_cache_attends_as_its_selection_held_densely(family, name):
+    model = build_tiny(family)
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+    method = get_method(name, budget=0.3, head_budget="shared")
+    packed, twin, report = masked_twin(model, method, ids)
+    question = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    logits: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), attach(model):
+        for label, cache in (("packed", packed), ("twin", twin)):
+            logits[label] = [model(question, cache=cache).logits]
+            for _ in range(4):
+                logits[label].append(model(logits[label][-1][:, -1:].argmax(-1), cache=cache).logits)
+    for mine, theirs in zip(logits["packed"], logits["twin"]):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+    slots = slots_for_budget(40, 0.3)
+    compressed = [layer for layer in packed.layers if isinstance(layer, CompressedLayer)]
+    heads = model.config.num_key_value_heads
+    for layer, layer_report in zip(compressed, report.layers):
+        assert layer.packed and layer.stored_slots == layer_report.slots_after + 9  # 5 + 4 tokens appended
+        assert layer_report.slots_after <= slots  # one tag byte per slot is paid from the budget
+        head_counts = torch.bincount(layer.slot_heads[0, : heads * layer_report.slots_after].long(), minlength=heads)
+        assert head_counts.tolist() == layer_report.notes["head_slots"][0]
+        assert layer.keys.shape == (1, 1, heads * (layer_report.slots_after + 9), layer.keys.shape[-1])
+
+
+def test_shared_budget_frees_the_budgets_memory_and_runs_generate():
+    model = build_tiny("llama")
+    ids = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(5))
+    outputs, reports = {}, {}
+    for head_budget in ("equal", "shared"):
+        method = get_method("snapkv", budget=0.35, window=4, head_budget=head_budget)
+        with torch.no_grad(), compress(model, method) as session:
+            outputs[head_budget] = model.generate(ids, max_new_tokens=6, do_sample=False)
+        reports[head_budget] = session.report
+    equal, shared = reports["equal"], reports["shared"]
+    assert outputs["shared"].shape == (1, 54)
+    for mine, theirs in zip(shared.layers, equal.layers):
+        assert mine.bytes_after <= theirs.bytes_after  # tags included
+        assert mine.bytes_after > 0.9 * theirs.bytes_after
+        assert sum(mine.notes["head_slots"][0]) == 2 * mine.slots_after
+    assert any(len(set(layer.notes["head_slots"][0])) > 1 for layer in shared.layers)  # the heads do differ
+
+
+def test_a_fork_and_a_crop_leave_the_packed_cache_as_it_was():
+    model = build_tiny("llama")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    prefill = record_prefill(model, ids, tokenizer=CharTokenizer())
+    packed, _ = compress_prefill(prefill, get_method("kvzip", budget=0.4, head_budget="shared"))
+    before = [(layer.keys, layer.slot_heads) for layer in packed.layers]
+    question = torch.tensor([[7, 8, 9]])
+    with torch.no_grad(), attach(model):
+        first = model(question, cache=packed.fork()).logits
+        second = model(question, cache=packed.fork()).logits
+        grown = packed.fork()
+        model(question, cache=grown)
+        grown.crop(-3)
+        again = model(question, cache=grown).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, again, atol=1e-6, rtol=1e-5)
+    assert all(layer.keys is keys and layer.slot_heads is tags for layer, (keys, tags) in zip(packed.layers, before))
+
+
+def test_shared_budgets_refuse_padded_batches_and_holding_the_budget():
+    model = build_tiny("llama")
+    method = get_method("snapkv", budget=0.5, head_budget="shared")
+    with pytest.raises(ValueError, match="cannot hold a budget"):
+        with compress(model, method, hold_budget=True):
+            pass
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padded batches"), torch.no_grad(), compress(model, method):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="head_budget must be one of equal, shared"):
+        get_method("kvzip", head_budget="layer")
+
+
+def test_a_packed_cache_outside_a_session_says_what_to_do():
+    model = build_tiny("llama")
+    with torch.no_grad(), compress(model, get_method("snapkv", budget=0.5, head_budget="shared")):
+        cache = model(torch.randint(3, 100, (1, 20))).cache
+    with pytest.raises(RuntimeError, match="heads packed into one row"), torch.no_grad():
+        model(torch.tensor([[5]]), cache=cache)
