@@ -19,7 +19,10 @@ from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 
 # Every mode of every registered method (new methods run with their defaults).
 VARIANTS = {
-    "kvmerger": [{"mode": "exact"}, {"mode": "paper"}, {"size_bias": True}, {"mode": "paper", "size_bias": True}],
+    "kvmerger": [
+        {"mode": "exact"}, {"mode": "paper"}, {"size_bias": True}, {"mode": "paper", "size_bias": True},
+        {"head_budget": "shared"},
+    ],
     "fitted-kvmerger": [{}, {"slot_keys": "pivot"}],
     **{name: [{}, {"head_budget": "shared"}] for name in ("expected-attention", "kvzip", "snapkv")},
 }

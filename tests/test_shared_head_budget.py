@@ -163,3 +163,63 @@ def test_a_packed_cache_outside_a_session_says_what_to_do():
         cache = model(torch.randint(3, 100, (1, 20))).cache
     with pytest.raises(RuntimeError, match="heads packed into one row"), torch.no_grad():
         model(torch.tensor([[5]]), cache=cache)
+
+
+# --------------------------------------------------------------------------------------------
+# KVMerger with a shared head budget: each head merges down to the slots it won
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_with_their_own_budgets_merge_as_each_row_alone(seed):
+    """identify() with a budget per row gives each row the sets it gets with that budget alone."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, length = 6, 30
+    keys = torch.randn(rows, length, 8, generator=generator).cumsum(1)
+    attention = torch.rand(rows, length, generator=generator)
+    budgets = torch.randint(1, length + 1, (rows,), generator=generator)
+    merger = get_method("kvmerger", budget=0.4, recent_share=0.3, topk_share=0.4)
+    together = merger.identify(keys, attention, budgets)
+    for row in range(rows):
+        alone = merger.identify(keys[row : row + 1], attention[row : row + 1], int(budgets[row]))
+        assert torch.equal(together.segment[row], alone.segment[0])
+        assert torch.equal(together.protected[row], alone.protected[0])
+    assert torch.equal(together.count, budgets.clamp(max=length))
+
+
+@pytest.mark.parametrize("score", ["aggregated", "window"])
+def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
+    generator = torch.Generator().manual_seed(7)
+    batch, heads, length, dim = 2, 3, 40, 8
+    keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
+    values = torch.randn(batch, heads, length, dim, generator=generator)
+    query = torch.randn(batch, 6, length, dim, generator=generator) * 2
+    scores = standalone_scores(query, keys, dim**-0.5)
+    shared = get_method("kvmerger", budget=0.3, score=score, head_budget="shared")
+    output, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
+    per_head = shared.target_slots(length, 2 * dim * 4)
+    assert output.keys.shape == (batch, 1, heads * per_head, dim) and report.slots_after == per_head
+    equal = get_method("kvmerger", budget=0.3, score=score)
+    won = output.notes["head_slots"]
+    for b in range(batch):
+        for head in range(heads):
+            alone = LayerInput(keys[b : b + 1, head : head + 1], values[b : b + 1, head : head + 1], None, 0, 1, won[b][head])
+            source = shared.scores(LayerInput(keys, values, scores, 0, 1, per_head))[b : b + 1, head : head + 1]
+            sets = equal.identify(alone.keys[0], source[0], won[b][head])
+            mine = output.slot_heads[b] == head
+            assert int(mine.sum()) == won[b][head] == int(sets.count)
+            expected = torch.zeros(won[b][head], dtype=torch.long).scatter_add(0, sets.segment[0], torch.ones(length, dtype=torch.long))
+            assert torch.equal(output.set_sizes[b, 0, mine], expected)
+    assert all(min(counts) >= 1 for counts in won)
+
+
+def test_shared_kvmerger_generates_and_refuses_what_it_cannot_pack():
+    model = build_tiny("llama")
+    ids = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), compress(model, get_method("kvmerger", budget=0.35, head_budget="shared")) as session:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 53)
+    assert all(sum(layer.notes["head_slots"][0]) == 2 * layer.slots_after for layer in session.report.layers)
+    for bad in ({"mode": "paper"}, {"size_bias": True}, {"max_set_size": 4}):
+        with pytest.raises(ValueError, match="head_budget='shared'"):
+            get_method("kvmerger", head_budget="shared", **bad)

@@ -305,33 +305,58 @@ def keep_by_score(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor 
     return gather_tokens(layer, top_indices(ranked, layer.slots))
 
 
-def keep_by_score_shared(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
-    """Evict down to the layer's budget shared by its heads: the `Hkv * slots` highest `scores`
-    ([B, Hkv, T]) over all heads of the layer (so scores must be comparable across heads), `forced`
-    tokens first. Each head keeps what it won, so heads hold different numbers of slots; the output
-    packs them into one row per batch element (`LayerOutput.slot_heads`), head by head, each head's
-    slots in sequence order. Ties go to the later token, then the later head (`top_indices` over
-    token-major pairs), so that tied forced tokens, such as a window, are shared out evenly."""
+def shared_selection(scores: torch.Tensor, per_head: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Hkv, T] bool: the `Hkv * per_head` highest `scores` ([B, Hkv, T]) over all heads of a layer
+    (so scores must be comparable across heads), `forced` tokens first. Ties go to the later token,
+    then the later head (`top_indices` over token-major pairs), so that tied forced tokens, such as
+    a window, are shared out evenly."""
     batch, heads, length = scores.shape
     if heads > 256:
         raise ValueError(f"a shared head budget tags each slot with its KV head in one byte; this layer has {heads} KV heads")
     ranked = scores.float()
     if forced is not None:
         ranked = ranked.masked_fill(forced, float("inf"))
-    token_major = top_indices(ranked.transpose(1, 2).reshape(batch, length * heads), heads * layer.slots)
-    flat = ((token_major % heads) * length + token_major // heads).sort(dim=-1).values  # head by head
-    head_of_slot, positions = flat // length, flat % length
-    index = flat.unsqueeze(-1)
-    keys = layer.keys.reshape(batch, heads * length, -1).gather(1, index.expand(-1, -1, layer.keys.shape[-1]))
-    values = layer.values.reshape(batch, heads * length, -1).gather(1, index.expand(-1, -1, layer.values.shape[-1]))
-    counts = torch.nn.functional.one_hot(head_of_slot, heads).sum(dim=1)  # [B, Hkv]
+    token_major = top_indices(ranked.transpose(1, 2).reshape(batch, length * heads), heads * per_head)
+    chosen = torch.zeros(batch, length * heads, dtype=torch.bool, device=scores.device)
+    return chosen.scatter_(1, token_major, True).reshape(batch, length, heads).transpose(1, 2)
+
+
+def packed_output(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    real: torch.Tensor,
+    set_sizes: torch.Tensor | None = None,
+    notes: dict[str, Any] | None = None,
+) -> LayerOutput:
+    """A packed LayerOutput from per-head slots [B, Hkv, S', ...] of which `real` [B, Hkv, S'] are
+    kept (the same number in every batch element): one row per batch element, head by head, each
+    head's slots in their order, tagged with their KV head (`LayerOutput.slot_heads`)."""
+    batch, heads, width = real.shape
+    kept = int(real[0].sum())
+    head_of = torch.arange(heads, device=real.device).view(1, heads, 1).expand(batch, heads, width)
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        return x[real].reshape(batch, 1, kept, *x.shape[3:])
+
+    counts = real.sum(dim=-1)  # [B, Hkv]
     return LayerOutput(
-        keys=keys.unsqueeze(1),
-        values=values.unsqueeze(1),
-        positions=positions.unsqueeze(1),
-        slot_heads=head_of_slot.to(torch.uint8),
-        notes={"head_slots": counts.tolist()},
+        keys=pack(keys),
+        values=pack(values),
+        positions=pack(positions),
+        set_sizes=None if set_sizes is None else pack(set_sizes),
+        slot_heads=head_of[real].reshape(batch, kept).to(torch.uint8),
+        notes={**(notes or {}), "head_slots": counts.tolist()},
     )
+
+
+def keep_by_score_shared(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
+    """Evict down to the layer's budget shared by its heads (`shared_selection` of `Hkv * slots`):
+    each head keeps what it won, so heads hold different numbers of slots, packed into one row per
+    batch element (`packed_output`), each head's slots in sequence order."""
+    chosen = shared_selection(scores, layer.slots, forced)
+    positions = torch.arange(layer.length, device=scores.device).expand_as(chosen)
+    return packed_output(layer.keys, layer.values, positions, chosen)
 
 
 def keep_by_score_as(layer: LayerInput, head_budget: str, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:

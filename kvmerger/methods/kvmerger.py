@@ -95,10 +95,13 @@ from kvmerger.methods.base import (
     LayerInput,
     LayerOutput,
     SlotState,
+    check_head_budget,
     check_pooling,
     check_score_source,
     check_statistic,
     finite_as,
+    packed_output,
+    shared_selection,
     top_indices,
 )
 
@@ -165,10 +168,17 @@ class KVMerger(CompressionMethod):
     max_set_size: int | None = None
     score_kernel: int = 1
     score_pooling: str = "max"
+    head_budget: str = "equal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
+        check_head_budget(self.head_budget)
+        if self.head_budget == "shared" and (self.mode == "paper" or self.size_bias or self.max_set_size is not None):
+            raise ValueError(
+                "head_budget='shared' shares an exact budget among a layer's heads and packs their slots without "
+                "per-slot biases: it needs mode='exact', size_bias=False and no max_set_size"
+            )
         check_set_size_cap(self.max_set_size)
         check_pooling(self.score_kernel, self.score_pooling, "score_kernel", "score_pooling")
         check_statistic(self.statistic)
@@ -275,15 +285,22 @@ class KVMerger(CompressionMethod):
         )
 
     # ------------------------------------------------------------------------------------------
-    def identify(self, keys: torch.Tensor, attention: torch.Tensor, slots: int) -> MergingSets:
-        """Merging-set identification (Algorithm 1) on rows of keys [N, T, d] with scores [N, T]."""
+    def identify(self, keys: torch.Tensor, attention: torch.Tensor, slots: int | torch.Tensor) -> MergingSets:
+        """Merging-set identification (Algorithm 1) on rows of keys [N, T, d] with scores [N, T].
+
+        `slots`: the budget of every row, or of each row ([N] long, exact mode: a shared head budget)."""
         length = keys.shape[1]
         recent_ratio, topk_ratio = self.protection()
         n_recent = _floor_count(recent_ratio, length)
         n_topk = min(_floor_count(topk_ratio, length), length - n_recent)
         topk_kept = torch.full((keys.shape[0],), n_topk, dtype=torch.long, device=keys.device)
         shrunk = False
-        if self.mode == "exact" and slots < length:
+        if isinstance(slots, torch.Tensor):  # rows with their own budgets: each row's recent window fits its own
+            recent_rows = (slots - 1).clamp(min=0, max=n_recent)
+            shrunk = bool((recent_rows < n_recent).any())
+            protected, topk_kept = protection_within_budget(attention, recent_rows, n_topk, slots)
+            shrunk = shrunk or bool((topk_kept < n_topk).any())
+        elif self.mode == "exact" and slots < length:
             shrunk = n_recent > slots - 1
             n_recent = min(n_recent, slots - 1)
             n_topk = min(n_topk, length - n_recent)
@@ -302,7 +319,8 @@ class KVMerger(CompressionMethod):
             merged, relaxed_rows = capped_similar_pairs(similarity, eligible, max(0, length - slots), self.max_set_size)
             relaxed = int(relaxed_rows.sum())
         else:
-            merged = most_similar_pairs(similarity, eligible, max(0, length - slots))
+            excess = (length - slots).clamp_min(0) if isinstance(slots, torch.Tensor) else max(0, length - slots)
+            merged = most_similar_pairs(similarity, eligible, excess)
         segment = segment_ids(merged)
         return MergingSets(
             segment=segment,
@@ -318,6 +336,8 @@ class KVMerger(CompressionMethod):
         )
 
     def compress(self, layer: LayerInput) -> LayerOutput:
+        if self.head_budget == "shared":
+            return self._compress_shared(layer)
         batch, heads, _, dim = layer.keys.shape
         rows = batch * heads
         keys, values = layer.rows()
@@ -353,6 +373,35 @@ class KVMerger(CompressionMethod):
             },
         )
 
+    def _compress_shared(self, layer: LayerInput) -> LayerOutput:
+        """A layer's heads share its ``Hkv * S`` slots: each head's budget is what it wins in
+        `shared_selection` of the score (its best token forced, so every head keeps a slot), then each
+        head merges down to its own budget as in exact mode, and the slots are packed."""
+        batch, heads, length, dim = layer.keys.shape
+        scores = self.scores(layer)
+        best = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top_indices(scores.float(), 1), True)
+        head_slots = shared_selection(scores, layer.slots, forced=best).sum(dim=-1)  # [B, Hkv]
+        keys, values = layer.rows()
+        attention = scores.flatten(0, 1)
+        sets = self.identify(keys, attention, head_slots.flatten())
+        width = int(head_slots.max())
+        merged_keys, merged_values, positions, sizes = gaussian_merge(
+            keys, values, attention, sets.segment, width, self.sigma, self.scale_values_by_set_size
+        )
+        shape = (batch, heads, width)
+        return packed_output(
+            merged_keys.reshape(*shape, dim),
+            merged_values.reshape(*shape, -1),
+            positions.reshape(shape),
+            sizes.reshape(shape) > 0,
+            set_sizes=sizes.reshape(shape),
+            notes={
+                **sets.protection_notes(),
+                "topk_kept_mean": float(sets.topk_kept.float().mean()),
+                "weakest_merged_similarity": _weakest_merged_similarity(sets),
+            },
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # The steps, vectorised over rows (no loop over tokens or heads)
@@ -378,38 +427,41 @@ def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, b
 
 
 def protection_within_budget(
-    attention: torch.Tensor, n_recent: int, n_topk: int, slots: int
+    attention: torch.Tensor, n_recent: int | torch.Tensor, n_topk: int, slots: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, T] bool protected, [N] long top-k kept): the last `n_recent` tokens and, per row, the
     largest number k <= `n_topk` of the highest-`attention` others such that protected tokens plus
     the unprotected runs between them fit in `slots` (so exactly `slots` remain reachable by merging).
+    `n_recent` and `slots` may differ per row ([N] long).
 
     Protected tokens plus runs never decrease as k grows, so a binary search over k (vectorised over
-    rows, log2(n_topk) steps) finds each row's largest feasible k. Requires n_recent <= slots - 1.
+    rows, log2(n_topk) steps) finds each row's largest feasible k. Requires n_recent <= slots - 1
+    and n_topk <= T - n_recent.
     """
     rows, length = attention.shape
-    head = length - n_recent  # tokens before the recent window: candidates for the top-k
-    rank = torch.full((rows, head), n_topk, dtype=torch.long, device=attention.device)
+    device = attention.device
+    recent = torch.as_tensor(n_recent, device=device).expand(rows)
+    in_recent = torch.arange(length, device=device) >= (length - recent).unsqueeze(1)  # [N, T]
+    rank = torch.full((rows, length), n_topk, dtype=torch.long, device=device)  # n_topk: not a candidate
     if n_topk:
-        order = top_indices(attention[:, :head].float(), n_topk)  # best first
-        rank.scatter_(1, order, torch.arange(n_topk, device=attention.device).expand(rows, -1))
+        candidates = attention.float().masked_fill(in_recent, float("-inf"))
+        order = top_indices(candidates, n_topk)  # best first, never in the recent window
+        rank.scatter_(1, order, torch.arange(n_topk, device=device).expand(rows, -1))
 
     def need(k: torch.Tensor) -> torch.Tensor:  # protected tokens + unprotected runs, per row
         kept = rank < k.unsqueeze(1)
-        free = ~kept
+        free = ~kept & ~in_recent
         starts = free & torch.cat([torch.ones_like(free[:, :1]), kept[:, :-1]], dim=1)
-        return n_recent + kept.sum(1) + starts.sum(1)
+        return recent + kept.sum(1) + starts.sum(1)
 
-    low = torch.zeros(rows, dtype=torch.long, device=attention.device)
+    low = torch.zeros(rows, dtype=torch.long, device=device)
     high = torch.full_like(low, n_topk)
     while bool((low < high).any()):
         middle = (low + high + 1) // 2
         fits = need(middle) <= slots
         low = torch.where(fits, middle, low)
         high = torch.where(fits, high, middle - 1)
-    protected = torch.ones_like(attention, dtype=torch.bool)
-    protected[:, :head] = rank < low.unsqueeze(1)
-    return protected, low
+    return in_recent | (rank < low.unsqueeze(1)), low
 
 
 def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> torch.Tensor:
@@ -445,8 +497,14 @@ def _largest_magnitude(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high, -low)
 
 
-def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
-    """[N, T-1] bool: the `count` most similar eligible pairs per row (ties: the later pair)."""
+def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """[N, T-1] bool: the `count` most similar eligible pairs per row (ties: the later pair); `count`
+    may differ per row ([N] long)."""
+    if isinstance(count, torch.Tensor):
+        ranked = similarity.float().masked_fill(~eligible, float("-inf"))
+        order = top_indices(ranked, ranked.shape[-1])
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return eligible & (rank < count.unsqueeze(1))
     merged = torch.zeros_like(eligible)
     if count:
         ranked = similarity.masked_fill(~eligible, float("-inf"))
