@@ -16,6 +16,7 @@ Reported: median tokens/s, and the median over repeats of each repeat's ratio to
 
     python benchmarks/decode_speed.py                                  # 7936-token prompt, kvmerger 0.5 and 0.35
     python benchmarks/decode_speed.py --length 4096 --methods kvmerger h2o --repeats 5
+    python benchmarks/decode_speed.py --methods snapkv snapkv:head_budget=shared --budgets 0.35   # packed layers
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvmerger import attach, compress_prefill, get_method, load_model, record_prefill
+from kvmerger import attach, compress_prefill, load_model, record_prefill
+from kvmerger.evaluation.runner import MethodSpec, method_label
 from kvmerger.methods import FullCache
 
 from measure import (  # noqa: E402  (a helper beside this script)
@@ -129,14 +131,13 @@ def configurations_for(methods: list[str], budgets: list[float]) -> list[Configu
     for name in methods:
         if name == "full":
             continue
-        for budget in budgets:
-            method = get_method(name, budget=budget)
-            configurations.append(Configuration(method.label(), method, budget))
+        for method in MethodSpec.parse(name).variants(budgets):
+            configurations.append(Configuration(f"{method_label(method)}@{method.budget:g}", method, method.budget))
     return configurations
 
 
 def format_row(row: dict) -> str:
-    return f"{row['config']:<18} {row['tokens_per_s']:7.2f} tokens/s   speed / full {row['speed_ratio']:.3f}"
+    return f"{row['config']:<32} {row['tokens_per_s']:7.2f} tokens/s   speed / full {row['speed_ratio']:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -255,6 +255,12 @@ def test_decode_seconds_runs_the_requested_steps(tiny_llama, random_ids):
     assert cache.slots()[0] == slots_for_budget(random_ids.shape[1], 0.5) + 5
 
 
+def test_decode_configurations_take_method_parameters():
+    configurations = decode_speed.configurations_for(["snapkv", "snapkv:head_budget=shared"], [0.35])
+    assert [c.label for c in configurations][2:] == ["snapkv@0.35", "snapkv[head_budget=shared]@0.35"]
+    assert configurations[3].method.shares_head_budget()
+
+
 def test_decode_summary_ratio_is_speed_over_full():
     configurations = decode_speed.configurations_for(["kvmerger"], [0.5])
     assert [c.label for c in configurations] == ["full", "full (kvmerger)", "kvmerger@0.5"]
