@@ -38,7 +38,7 @@ from kvmerger.cli import options
 from kvmerger.evaluation.runner import parse_spec
 from kvmerger.engine.scoring import POOL_KERNEL, POOLING, POOLINGS, SCORE_SOURCES
 from kvmerger.evaluation.tasks import Sample, get_task
-from kvmerger.methods.base import check_pooling, slots_for_budget
+from kvmerger.methods.base import check_pooling, shared_selection, slots_for_budget, top_indices
 
 from measure import RESULTS, describe_machine, machine, minutes, write_results  # noqa: E402
 
@@ -68,14 +68,13 @@ def prompt_ids(tokenizer, sample: Sample, protocol: str) -> torch.Tensor:
 
 
 def kept_in_top(scores: torch.Tensor, slots: int, head_budgets: str = "head") -> torch.Tensor:
-    """[Hkv, T] bool: what one layer's scores [1, Hkv, T] keep, `slots` per head ("head") or the
-    layer's Hkv x `slots` highest pairs wherever they fall ("layer")."""
-    heads, length = scores.shape[1:]
-    if head_budgets == "head":
-        top = scores[0].topk(slots, dim=-1).indices
-        return torch.zeros_like(scores[0], dtype=torch.bool).scatter_(1, top, True)
-    top = scores[0].flatten().topk(heads * slots).indices
-    return torch.zeros(heads * length, dtype=torch.bool, device=scores.device).index_fill_(0, top, True).view(heads, length)
+    """[Hkv, T] bool: what one layer's scores [1, Hkv, T] keep, `slots` per head ("head", `top_indices`
+    as every method) or the layer's Hkv x `slots` highest pairs wherever they fall ("layer", the
+    library's `shared_selection`, as ``head_budget="shared"``)."""
+    if head_budgets == "layer":
+        return shared_selection(scores, slots)[0]
+    top = top_indices(scores[0], slots)
+    return torch.zeros_like(scores[0], dtype=torch.bool).scatter_(1, top, True)
 
 
 def recall_in_top(scores: torch.Tensor, positions: list[int], slots: int, head_budgets: str = "head") -> torch.Tensor:

@@ -82,7 +82,7 @@ class CompressedLayer(DynamicLayer):
                 "function reads. Run the model inside `kvmerger.compress(model, method)`."
             )
         new_tokens = key_states.shape[-2]
-        if self.slot_heads is not None:
+        if self.packed:
             key_states, value_states = pack_heads(key_states), pack_heads(value_states)
             tags = torch.arange(self.kv_heads, dtype=torch.uint8, device=self.slot_heads.device).repeat(new_tokens)
             self.slot_heads = torch.cat([self.slot_heads, tags.expand(self.slot_heads.shape[0], -1)], dim=-1)
@@ -115,7 +115,7 @@ class CompressedLayer(DynamicLayer):
             raise ValueError(
                 f"cannot crop {remove} tokens: only the {appended} tokens appended after compression can be removed"
             )
-        if remove and self.slot_heads is not None:
+        if remove and self.packed:
             super().crop(-remove * self.kv_heads)
             self.slot_heads = self.slot_heads[..., : -remove * self.kv_heads]
         else:
@@ -161,7 +161,7 @@ class CompressedLayer(DynamicLayer):
         """Slots stored per KV head (for a packed layer, the heads' average: its row over its KV heads)."""
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
-        return self.keys.shape[-2] // (self.kv_heads if self.slot_heads is not None else 1)
+        return self.keys.shape[-2] // (self.kv_heads if self.packed else 1)
 
     @property
     def packed(self) -> bool:
@@ -491,9 +491,9 @@ def _packed_attention(
     is ``kv_heads`` times that of a dense layer of the same average length; the memory is the slots kept.
     """
     if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             "a layer whose heads share the budget supports plain softmax attention only (no dropout, logit "
-            "soft-capping or sliding window)"
+            "soft-capping or sliding window); use head_budget='equal' with this model"
         )
     batch, q_heads, q_len, dim = query.shape
     slots, new_slots = key.shape[-2], q_len * kv_heads

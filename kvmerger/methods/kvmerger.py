@@ -501,16 +501,21 @@ def most_similar_pairs(similarity: torch.Tensor, eligible: torch.Tensor, count: 
     """[N, T-1] bool: the `count` most similar eligible pairs per row (ties: the later pair); `count`
     may differ per row ([N] long)."""
     if isinstance(count, torch.Tensor):
-        ranked = similarity.float().masked_fill(~eligible, float("-inf"))
-        order = top_indices(ranked, ranked.shape[-1])
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        return eligible & (rank < count.unsqueeze(1))
+        return eligible & (pair_ranks(similarity, eligible) < count.unsqueeze(1))
     merged = torch.zeros_like(eligible)
     if count:
         ranked = similarity.masked_fill(~eligible, float("-inf"))
         merged.scatter_(1, top_indices(ranked, count), True)
         merged &= eligible
     return merged
+
+
+def pair_ranks(similarity: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """[N, T-1] long: each pair's rank in its row, most similar eligible pair first (0), ties to the
+    later pair, ineligible pairs last; the order `most_similar_pairs` takes pairs in."""
+    ranked = similarity.float().masked_fill(~eligible, float("-inf"))
+    order = top_indices(ranked, ranked.shape[-1])
+    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
 
 
 def check_set_size_cap(cap: int | None) -> None:
@@ -538,10 +543,8 @@ def capped_similar_pairs(
     over that number (vectorised over rows) finds the fewest pairs that reach `count`. Rows that
     cannot reach it even with every eligible pair are merged without the cap (`relaxed`).
     """
-    rows, pairs = similarity.shape
-    ranked = similarity.float().masked_fill(~eligible, float("-inf"))
-    order = top_indices(ranked, pairs)  # most similar first, ties to the later pair, as most_similar_pairs
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(pairs, device=order.device).expand(rows, -1))
+    rows = similarity.shape[0]
+    rank = pair_ranks(similarity, eligible)
     uncapped = eligible & (rank < count)  # most_similar_pairs(similarity, eligible, count), from this ranking
     if count == 0:
         return uncapped, torch.zeros(rows, dtype=torch.bool, device=similarity.device)
@@ -551,7 +554,7 @@ def capped_similar_pairs(
         return cut_runs(eligible & (rank < taken.unsqueeze(1)), cap).sum(dim=1)
 
     relaxed = merged_count(available) < count
-    low = torch.zeros(rows, dtype=torch.long, device=order.device)  # merged_count(low) < count
+    low = torch.zeros(rows, dtype=torch.long, device=rank.device)  # merged_count(low) < count
     high = available.clone()  # merged_count(high) >= count wherever the cap can reach the budget
     while bool((high - low > 1).any()):
         middle = (low + high) // 2
