@@ -5,6 +5,8 @@ crops, on tiny random models."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -187,6 +189,30 @@ def test_rows_with_their_own_budgets_merge_as_each_row_alone(seed):
     assert torch.equal(together.count, budgets.clamp(max=length))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_shared_budget_protects_the_same_share_of_each_rows_budget(seed):
+    """With `layer_slots`, a row with budget b protects floor(n * b / layer_slots) recent and top-k tokens
+    (n: the layer's counts), as a merger with those counts alone would."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, length, layer_slots = 6, 40, 12
+    keys = torch.randn(rows, length, 8, generator=generator).cumsum(1)
+    attention = torch.rand(rows, length, generator=generator)
+    budgets = torch.randint(1, 3 * layer_slots, (rows,), generator=generator)
+    merger = get_method("kvmerger", budget=0.3, recent_share=0.25, topk_share=0.5)
+    n_recent, n_topk = math.floor(0.3 * 0.25 * length + 1e-9), math.floor(0.3 * 0.5 * length + 1e-9)
+    together = merger.identify(keys, attention, budgets, layer_slots=layer_slots)
+    for row in range(rows):
+        budget = int(budgets[row])
+        recent = min(n_recent * budget // layer_slots, budget - 1)
+        topk = min(n_topk * budget // layer_slots, length - recent)
+        alone = get_method("kvmerger", budget=1.0, recent_ratio=recent / length, topk_ratio=topk / length)
+        expected = alone.identify(keys[row : row + 1], attention[row : row + 1], budget)
+        assert int(together.protected[row, length - recent :].sum()) == recent
+        assert torch.equal(together.protected[row], expected.protected[0])
+        assert torch.equal(together.segment[row], expected.segment[0])
+    assert torch.equal(together.count, budgets.clamp(max=length))
+
+
 @pytest.mark.parametrize("score", ["aggregated", "window"])
 def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
     generator = torch.Generator().manual_seed(7)
@@ -199,12 +225,15 @@ def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
     output, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
     per_head = shared.target_slots(length, 2 * dim * 4)
     assert output.keys.shape == (batch, 1, heads * per_head, dim) and report.slots_after == per_head
-    equal = get_method("kvmerger", budget=0.3, score=score)
+    n_recent, n_topk = (math.floor(ratio * length + 1e-9) for ratio in shared.protection())
     won = output.notes["head_slots"]
     for b in range(batch):
         for head in range(heads):
             alone = LayerInput(keys[b : b + 1, head : head + 1], values[b : b + 1, head : head + 1], None, 0, 1, won[b][head])
             source = shared.scores(LayerInput(keys, values, scores, 0, 1, per_head))[b : b + 1, head : head + 1]
+            recent = min(n_recent * won[b][head] // per_head, won[b][head] - 1)
+            topk = min(n_topk * won[b][head] // per_head, length - recent)
+            equal = get_method("kvmerger", budget=1.0, score=score, recent_ratio=recent / length, topk_ratio=topk / length)
             sets = equal.identify(alone.keys[0], source[0], won[b][head])
             mine = output.slot_heads[b] == head
             assert int(mine.sum()) == won[b][head] == int(sets.count)

@@ -73,6 +73,15 @@ Choices where the paper is silent or uncertain (each one a parameter):
   to the prompt's merge, not to the merges that hold the budget during generation. Off by default:
   on the tuning seed it changed no pass-key answer and raised the LM KL (docs/BENCHMARKS.md
   section 9).
+* ``head_budget="equal"`` (default, the paper's): every KV head merges down to ``S`` slots. With
+  ``"shared"`` (exact mode only; KVzip's and Ada-KV's rule, docs/METHOD.md section 3) a layer's heads
+  share its ``Hkv x S`` slots: each head's budget is what it wins in the shared selection of the score
+  (its best token forced), it merges down to that, and the slots are packed with a one-byte head tag
+  paid from the budget. Each head protects the same share of its own budget as an equal head would
+  (recent and top-k counts scaled by its slots / ``S``): with the layer's counts instead, a head that
+  wins few slots spends them all on the recent window and folds the rest of the prompt into one slot,
+  which on the tuning seed raised the LM KL the more the larger the recent share (docs/BENCHMARKS.md
+  section 9).
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
   [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
@@ -285,10 +294,15 @@ class KVMerger(CompressionMethod):
         )
 
     # ------------------------------------------------------------------------------------------
-    def identify(self, keys: torch.Tensor, attention: torch.Tensor, slots: int | torch.Tensor) -> MergingSets:
+    def identify(
+        self, keys: torch.Tensor, attention: torch.Tensor, slots: int | torch.Tensor, layer_slots: int | None = None
+    ) -> MergingSets:
         """Merging-set identification (Algorithm 1) on rows of keys [N, T, d] with scores [N, T].
 
-        `slots`: the budget of every row, or of each row ([N] long, exact mode: a shared head budget)."""
+        `slots`: the budget of every row, or of each row ([N] long, exact mode: a shared head budget).
+        With per-row budgets and `layer_slots` (the slots of a head under an equal split), a row protects
+        the same share of its own budget as such a head: the recent and top-k counts scaled by
+        slots / layer_slots, rounded down."""
         length = keys.shape[1]
         recent_ratio, topk_ratio = self.protection()
         n_recent = _floor_count(recent_ratio, length)
@@ -296,10 +310,9 @@ class KVMerger(CompressionMethod):
         topk_kept = torch.full((keys.shape[0],), n_topk, dtype=torch.long, device=keys.device)
         shrunk = False
         if isinstance(slots, torch.Tensor):  # rows with their own budgets: each row's recent window fits its own
-            recent_rows = (slots - 1).clamp(min=0, max=n_recent)
-            shrunk = bool((recent_rows < n_recent).any())
-            protected, topk_kept = protection_within_budget(attention, recent_rows, n_topk, slots)
-            shrunk = shrunk or bool((topk_kept < n_topk).any())
+            recent_rows, topk_rows, shrunk = _protection_per_row(n_recent, n_topk, slots, layer_slots, length)
+            protected, topk_kept = protection_within_budget(attention, recent_rows, topk_rows, slots)
+            shrunk = shrunk or bool((topk_kept < topk_rows).any())
         elif self.mode == "exact" and slots < length:
             shrunk = n_recent > slots - 1
             n_recent = min(n_recent, slots - 1)
@@ -376,14 +389,15 @@ class KVMerger(CompressionMethod):
     def _compress_shared(self, layer: LayerInput) -> LayerOutput:
         """A layer's heads share its ``Hkv * S`` slots: each head's budget is what it wins in
         `shared_selection` of the score (its best token forced, so every head keeps a slot), then each
-        head merges down to its own budget as in exact mode, and the slots are packed."""
+        head merges down to its own budget as in exact mode, protecting the same share of it as an
+        equal head, and the slots are packed."""
         batch, heads, length, dim = layer.keys.shape
         scores = self.scores(layer)
         best = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top_indices(scores.float(), 1), True)
         head_slots = shared_selection(scores, layer.slots, forced=best).sum(dim=-1)  # [B, Hkv]
         keys, values = layer.rows()
         attention = scores.flatten(0, 1)
-        sets = self.identify(keys, attention, head_slots.flatten())
+        sets = self.identify(keys, attention, head_slots.flatten(), layer_slots=layer.slots)
         width = int(head_slots.max())
         merged_keys, merged_values, positions, sizes = gaussian_merge(
             keys, values, attention, sets.segment, width, self.sigma, self.scale_values_by_set_size
@@ -427,12 +441,12 @@ def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, b
 
 
 def protection_within_budget(
-    attention: torch.Tensor, n_recent: int | torch.Tensor, n_topk: int, slots: int | torch.Tensor
+    attention: torch.Tensor, n_recent: int | torch.Tensor, n_topk: int | torch.Tensor, slots: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, T] bool protected, [N] long top-k kept): the last `n_recent` tokens and, per row, the
     largest number k <= `n_topk` of the highest-`attention` others such that protected tokens plus
     the unprotected runs between them fit in `slots` (so exactly `slots` remain reachable by merging).
-    `n_recent` and `slots` may differ per row ([N] long).
+    `n_recent`, `n_topk` and `slots` may differ per row ([N] long).
 
     Protected tokens plus runs never decrease as k grows, so a binary search over k (vectorised over
     rows, log2(n_topk) steps) finds each row's largest feasible k. Requires n_recent <= slots - 1
@@ -441,12 +455,14 @@ def protection_within_budget(
     rows, length = attention.shape
     device = attention.device
     recent = torch.as_tensor(n_recent, device=device).expand(rows)
+    topk = torch.as_tensor(n_topk, device=device).expand(rows)
+    most = int(topk.max()) if rows else 0
     in_recent = torch.arange(length, device=device) >= (length - recent).unsqueeze(1)  # [N, T]
-    rank = torch.full((rows, length), n_topk, dtype=torch.long, device=device)  # n_topk: not a candidate
-    if n_topk:
+    rank = torch.full((rows, length), most, dtype=torch.long, device=device)  # most: not a candidate
+    if most:
         candidates = attention.float().masked_fill(in_recent, float("-inf"))
-        order = top_indices(candidates, n_topk)  # best first, never in the recent window
-        rank.scatter_(1, order, torch.arange(n_topk, device=device).expand(rows, -1))
+        order = top_indices(candidates, most)  # best first, never in the recent window (within a row's n_topk)
+        rank.scatter_(1, order, torch.arange(most, device=device).expand(rows, -1))
 
     def need(k: torch.Tensor) -> torch.Tensor:  # protected tokens + unprotected runs, per row
         kept = rank < k.unsqueeze(1)
@@ -455,13 +471,30 @@ def protection_within_budget(
         return recent + kept.sum(1) + starts.sum(1)
 
     low = torch.zeros(rows, dtype=torch.long, device=device)
-    high = torch.full_like(low, n_topk)
+    high = topk.clone()
     while bool((low < high).any()):
         middle = (low + high + 1) // 2
         fits = need(middle) <= slots
         low = torch.where(fits, middle, low)
         high = torch.where(fits, high, middle - 1)
     return in_recent | (rank < low.unsqueeze(1)), low
+
+
+def _protection_per_row(
+    n_recent: int, n_topk: int, slots: torch.Tensor, layer_slots: int | None, length: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """([N], [N] long, shrunk) recent and top-k counts of rows with their own budgets `slots`: the layer's
+    counts scaled by slots / layer_slots (unscaled without `layer_slots`); the recent ones leave a row at
+    least one slot for the rest of the prompt (shrunk: some row's did not), and the top-k ones fit in what
+    the recent ones leave."""
+    wanted_recent = torch.full_like(slots, n_recent)
+    topk = torch.full_like(slots, n_topk)
+    if layer_slots is not None:
+        share = slots.double() / max(1, layer_slots)
+        wanted_recent = (n_recent * share + 1e-9).floor().long()
+        topk = (n_topk * share + 1e-9).floor().long()
+    recent = torch.minimum(wanted_recent, (slots - 1).clamp(min=0))
+    return recent, torch.minimum(topk, length - recent), bool((recent < wanted_recent).any())
 
 
 def protected_tokens(attention: torch.Tensor, n_recent: int, n_topk: int) -> torch.Tensor:
