@@ -24,6 +24,7 @@ import kvpress_side  # noqa: E402
 import measure  # noqa: E402
 import memory  # noqa: E402
 import overhead  # noqa: E402
+import share_of_full  # noqa: E402
 import estimate_agreement  # noqa: E402
 import statistic_agreement  # noqa: E402
 import throughput  # noqa: E402
@@ -568,3 +569,41 @@ def test_answer_recall_refuses_budgets_outside_zero_to_one():
     for budgets in (["0"], ["1.5"], ["-0.2"]):
         with pytest.raises(SystemExit):
             answer_recall.main(["--budgets", *budgets])
+
+
+# --------------------------------------------------------------------------------------------
+# share_of_full.py
+# --------------------------------------------------------------------------------------------
+
+
+def _record(method: str, sample: int, score: float, budget: float = 0.35, task: str = "passkey", **extra) -> dict:
+    return {
+        "task": task, "task_name": task.split("[")[0], "length": 2048, "protocol": "query-aware", "method": method.split("[")[0],
+        "method_label": method, "budget": 1.0 if method == "full" else budget, "sample": sample, "score": score, **extra,
+    }
+
+
+def test_share_of_full_pairs_each_method_with_the_full_caches_samples(tmp_path):
+    full_run, method_run = tmp_path / "full", tmp_path / "method"
+    for folder, records in (
+        (full_run, [_record("full", 0, 1.0), _record("full", 1, 0.5), _record("full", 2, 0.0)]),
+        # sample 3 has no full-cache row and is left out; other budgets and LM records are ignored
+        (method_run, [_record("h2o", 0, 0.5), _record("h2o", 1, 0.5), _record("h2o", 3, 1.0),
+                      _record("h2o", 0, 1.0, budget=0.5), _record("h2o", 0, 0.9, task="lm")]),
+    ):
+        folder.mkdir()
+        (folder / "records.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    [share] = share_of_full.shares(share_of_full.read_records([full_run, method_run]), 0.35, "query-aware")
+    assert (share.method, share.samples) == ("h2o", 2)
+    assert share.share == pytest.approx(0.5 / 0.75) and share.score == pytest.approx(0.5)
+    figure = tmp_path / "shares.png"
+    assert share_of_full.main([str(full_run), str(method_run), "--figure", str(figure), "--goal", "0.95"]) == 0
+    assert figure.stat().st_size > 0
+
+
+def test_share_of_full_says_what_is_missing(tmp_path, capsys):
+    assert share_of_full.main([str(tmp_path)]) == 2
+    assert "no records.jsonl" in capsys.readouterr().err
+    (tmp_path / "records.jsonl").write_text(json.dumps(_record("full", 0, 1.0)) + "\n")
+    assert share_of_full.main([str(tmp_path)]) == 2
+    assert "shares samples with the full cache" in capsys.readouterr().err
