@@ -189,6 +189,13 @@ def test_rows_with_their_own_budgets_merge_as_each_row_alone(seed):
     assert torch.equal(together.count, budgets.clamp(max=length))
 
 
+def scaled_protection(n_recent: int, n_topk: int, budget: int, layer_slots: int, length: int) -> tuple[int, int]:
+    """The recent and top-k counts of a head with `budget` slots, written plainly: the layer's counts times
+    budget / layer_slots, rounded down, the recent ones leaving one slot, the top-k ones what the recent leave."""
+    recent = min(n_recent * budget // layer_slots, budget - 1)
+    return recent, min(n_topk * budget // layer_slots, length - recent)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_shared_budget_protects_the_same_share_of_each_rows_budget(seed):
     """With `layer_slots`, a row with budget b protects floor(n * b / layer_slots) recent and top-k tokens
@@ -203,8 +210,7 @@ def test_a_shared_budget_protects_the_same_share_of_each_rows_budget(seed):
     together = merger.identify(keys, attention, budgets, layer_slots=layer_slots)
     for row in range(rows):
         budget = int(budgets[row])
-        recent = min(n_recent * budget // layer_slots, budget - 1)
-        topk = min(n_topk * budget // layer_slots, length - recent)
+        recent, topk = scaled_protection(n_recent, n_topk, budget, layer_slots, length)
         alone = get_method("kvmerger", budget=1.0, recent_ratio=recent / length, topk_ratio=topk / length)
         expected = alone.identify(keys[row : row + 1], attention[row : row + 1], budget)
         assert int(together.protected[row, length - recent :].sum()) == recent
@@ -231,8 +237,7 @@ def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
         for head in range(heads):
             alone = LayerInput(keys[b : b + 1, head : head + 1], values[b : b + 1, head : head + 1], None, 0, 1, won[b][head])
             source = shared.scores(LayerInput(keys, values, scores, 0, 1, per_head))[b : b + 1, head : head + 1]
-            recent = min(n_recent * won[b][head] // per_head, won[b][head] - 1)
-            topk = min(n_topk * won[b][head] // per_head, length - recent)
+            recent, topk = scaled_protection(n_recent, n_topk, won[b][head], per_head, length)
             equal = get_method("kvmerger", budget=1.0, score=score, recent_ratio=recent / length, topk_ratio=topk / length)
             sets = equal.identify(alone.keys[0], source[0], won[b][head])
             mine = output.slot_heads[b] == head

@@ -487,12 +487,8 @@ def _protection_per_row(
     counts scaled by slots / layer_slots (unscaled without `layer_slots`); the recent ones leave a row at
     least one slot for the rest of the prompt (shrunk: some row's did not), and the top-k ones fit in what
     the recent ones leave."""
-    wanted_recent = torch.full_like(slots, n_recent)
-    topk = torch.full_like(slots, n_topk)
-    if layer_slots is not None:
-        share = slots.double() / max(1, layer_slots)
-        wanted_recent = (n_recent * share + 1e-9).floor().long()
-        topk = (n_topk * share + 1e-9).floor().long()
+    share = slots.double() / max(1, layer_slots) if layer_slots is not None else torch.ones_like(slots, dtype=torch.double)
+    wanted_recent, topk = ((count * share + 1e-9).floor().long() for count in (n_recent, n_topk))
     recent = torch.minimum(wanted_recent, (slots - 1).clamp(min=0))
     return recent, torch.minimum(topk, length - recent), bool((recent < wanted_recent).any())
 
