@@ -19,9 +19,12 @@ from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 SHARED = ["snapkv", "expected-attention", "kvzip"]
 
 
-def reference_shared_selection(scores: torch.Tensor, forced: torch.Tensor, per_head: int) -> list[list[list[int]]]:
+def reference_shared_selection(
+    scores: torch.Tensor, forced: torch.Tensor, per_head: int, floor: int = 0
+) -> list[list[list[int]]]:
     """For each batch element and head, the kept token indices: every (head, token) pair ranked by its
-    score (+inf if forced), ties to the later token then the later head, and the first `heads * per_head` kept."""
+    score (+inf if forced), ties to the later token then the later head; each head's first `floor` pairs
+    in that order kept, then the best of the rest up to `heads * per_head`."""
     batch, heads, length = scores.shape
     kept = []
     for b in range(batch):
@@ -33,13 +36,15 @@ def reference_shared_selection(scores: torch.Tensor, forced: torch.Tensor, per_h
             return score, token * heads + head
 
         pairs.sort(key=rank, reverse=True)
-        chosen = pairs[: heads * per_head]
+        chosen = [pair for head in range(heads) for pair in [p for p in pairs if p[0] == head][:floor]]
+        chosen += [pair for pair in pairs if pair not in chosen][: heads * per_head - len(chosen)]
         kept.append([sorted(t for h, t in chosen if h == head) for head in range(heads)])
     return kept
 
 
+@pytest.mark.parametrize("floor", [0, 4])
 @pytest.mark.parametrize("seed", range(6))
-def test_shared_selection_matches_the_reference(seed):
+def test_shared_selection_matches_the_reference(seed, floor):
     generator = torch.Generator().manual_seed(seed)
     batch, heads, length, dim = 2, 3, 17, 4
     keys = torch.randn(batch, heads, length, dim, generator=generator)
@@ -49,8 +54,8 @@ def test_shared_selection_matches_the_reference(seed):
     forced[..., :2] = True
     per_head = 1 + seed
     layer = LayerInput(keys, values, standalone_scores(torch.randn(batch, 6, length, dim), keys, 0.5), 0, 1, per_head)
-    output = keep_by_score_shared(layer, scores, forced)
-    expected = reference_shared_selection(scores, forced, per_head)
+    output = keep_by_score_shared(layer, scores, forced, floor=min(floor, per_head))
+    expected = reference_shared_selection(scores, forced, per_head, min(floor, per_head))
     assert output.keys.shape == (batch, 1, heads * per_head, dim) and output.slot_heads.dtype == torch.uint8
     for b in range(batch):
         for head in range(heads):
@@ -159,6 +164,45 @@ def test_shared_budgets_refuse_padded_batches_and_holding_the_budget():
         get_method("kvzip", head_budget="layer")
 
 
+@pytest.mark.parametrize("name", SHARED)
+def test_a_full_head_floor_is_the_equal_budget_and_a_partial_one_lifts_the_poorest_head(name):
+    """head_floor=1 guarantees every head all of its S slots, which is the whole shared budget: the
+    selection of head_budget='equal' with as many slots. A floor of 0.9 leaves no head with fewer than 0.9 S."""
+    model = build_tiny("llama")
+    ids = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(9))
+    prefill = record_prefill(model, ids, tokenizer=CharTokenizer())
+    layers = len(prefill.scores)
+    options = {"window": 4} if name == "snapkv" else {}  # a window of 32 would be most of each head's slots
+    for index, full in enumerate(prefill.cache.layers):
+        kept, slots = {}, {}
+        for label, floor in (("full", 1.0), ("partial", 0.9)):
+            method = get_method(name, budget=0.3, head_budget="shared", head_floor=floor, **options)
+            output, report = compress_layer(method, full.keys, full.values, prefill.scores[index], index, layers)
+            kept[label], slots[label] = layer_positions(output), report.slots_after
+        equal = get_method(name, budget=0.3, **options).compress(
+            LayerInput(full.keys, full.values, prefill.scores[index], index, layers, slots["full"])
+        )
+        assert kept["full"] == layer_positions(equal)
+        guaranteed = math.floor(0.9 * slots["partial"])
+        assert min(len(tokens) for tokens in kept["partial"]) >= guaranteed
+
+
+def layer_positions(output) -> list[list[int]]:
+    """Each head's kept token positions, sorted, from a dense or a packed LayerOutput (batch element 0)."""
+    if output.slot_heads is None:
+        return [sorted(row.tolist()) for row in output.positions[0]]
+    heads = int(output.slot_heads.max()) + 1
+    return [sorted(output.positions[0, 0, output.slot_heads[0] == head].tolist()) for head in range(heads)]
+
+
+def test_head_floor_is_refused_without_a_shared_budget_or_out_of_range():
+    with pytest.raises(ValueError, match="needs head_budget='shared'"):
+        get_method("snapkv", head_floor=0.2)
+    for bad in (-0.1, 1.5, "0.2", True):
+        with pytest.raises(ValueError, match=r"head_floor is the share .* in \[0, 1\]"):
+            get_method("kvzip", head_budget="shared", head_floor=bad)
+
+
 def test_a_packed_cache_outside_a_session_says_what_to_do():
     model = build_tiny("llama")
     with torch.no_grad(), compress(model, get_method("snapkv", budget=0.5, head_budget="shared")):
@@ -219,15 +263,15 @@ def test_a_shared_budget_protects_the_same_share_of_each_rows_budget(seed):
     assert torch.equal(together.count, budgets.clamp(max=length))
 
 
-@pytest.mark.parametrize("score", ["aggregated", "window"])
-def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
+@pytest.mark.parametrize("score, head_floor", [("aggregated", 0.0), ("window", 0.0), ("window", 0.6)])
+def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score, head_floor):
     generator = torch.Generator().manual_seed(7)
     batch, heads, length, dim = 2, 3, 40, 8
     keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
     values = torch.randn(batch, heads, length, dim, generator=generator)
     query = torch.randn(batch, 6, length, dim, generator=generator) * 2
     scores = standalone_scores(query, keys, dim**-0.5)
-    shared = get_method("kvmerger", budget=0.3, score=score, head_budget="shared")
+    shared = get_method("kvmerger", budget=0.3, score=score, head_budget="shared", head_floor=head_floor)
     output, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
     per_head = shared.target_slots(length, 2 * dim * 4)
     assert output.keys.shape == (batch, 1, heads * per_head, dim) and report.slots_after == per_head
@@ -244,7 +288,23 @@ def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score):
             assert int(mine.sum()) == won[b][head] == int(sets.count)
             expected = torch.zeros(won[b][head], dtype=torch.long).scatter_add(0, sets.segment[0], torch.ones(length, dtype=torch.long))
             assert torch.equal(output.set_sizes[b, 0, mine], expected)
-    assert all(min(counts) >= 1 for counts in won)
+    assert all(min(counts) >= max(1, math.floor(head_floor * per_head)) for counts in won)
+
+
+def test_shared_kvmerger_with_a_full_head_floor_is_the_equal_merge():
+    generator = torch.Generator().manual_seed(11)
+    batch, heads, length, dim = 2, 3, 40, 8
+    keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
+    values = torch.randn(batch, heads, length, dim, generator=generator)
+    scores = standalone_scores(torch.randn(batch, 6, length, dim, generator=generator) * 2, keys, dim**-0.5)
+    shared = get_method("kvmerger", budget=0.3, score="window", head_budget="shared", head_floor=1.0)
+    packed, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
+    equal = get_method("kvmerger", budget=0.3, score="window")
+    dense = equal.compress(LayerInput(keys, values, scores, 0, 1, report.slots_after))
+    assert packed.notes["head_slots"] == [[report.slots_after] * heads] * batch
+    torch.testing.assert_close(packed.keys.reshape(dense.keys.shape), dense.keys, atol=0, rtol=0)
+    torch.testing.assert_close(packed.values.reshape(dense.values.shape), dense.values, atol=0, rtol=0)
+    assert torch.equal(packed.positions.reshape(dense.positions.shape), dense.positions)
 
 
 def test_shared_kvmerger_generates_and_refuses_what_it_cannot_pack():

@@ -37,6 +37,9 @@ def _budget(default: float = 0.5) -> Parameter:
 HEAD_BUDGET = Parameter(
     "head_budget", "str", "equal", "equal: S slots per KV head; shared: a layer's heads share its slots by score (packed)"
 )
+HEAD_FLOOR = Parameter(
+    "head_floor", "float", 0.0, "with head_budget=shared, the share of S every head keeps first (Ada-KV's safeguard)"
+)
 
 
 CATALOG: tuple[MethodEntry, ...] = (
@@ -80,6 +83,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("epsilon", "float", 0.0, "added to the score before the value norm"),
             Parameter("query_window", "int | None", None, "fit the Gaussian on the last queries only (None: all)"),
             HEAD_BUDGET,
+            HEAD_FLOOR,
         ),
     ),
     MethodEntry(
@@ -148,12 +152,13 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("score_kernel", "int", 1, "keys the other score sources are pooled over (odd; 1: none, their papers')"),
             Parameter("score_pooling", "str", "max", "pooling of the other score sources: avg or max"),
             HEAD_BUDGET,
+            HEAD_FLOOR,
         ),
     ),
     MethodEntry(
         "kvzip",
         "KVzip (Kim et al. 2025): keep the keys most attended while the model repeats the context (query-agnostic)",
-        (_budget(), HEAD_BUDGET),
+        (_budget(), HEAD_BUDGET, HEAD_FLOOR),
     ),
     MethodEntry(
         "random",
@@ -169,6 +174,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("kernel_size", "int", 5, "odd width of the pooling along the sequence"),
             Parameter("pooling", "str", "avg", "avg or max pooling"),
             HEAD_BUDGET,
+            HEAD_FLOOR,
         ),
     ),
     MethodEntry(

@@ -252,6 +252,20 @@ def check_head_budget(name: str) -> None:
         )
 
 
+def check_head_floor(head_floor: float, head_budget: str) -> None:
+    """Ada-KV's safeguard: a share in [0, 1] of the per-head budget every head keeps, only with a shared budget."""
+    number = isinstance(head_floor, (int, float)) and not isinstance(head_floor, bool)
+    if not number or not 0.0 <= float(head_floor) <= 1.0:
+        raise ValueError(
+            f"head_floor is the share of the per-head budget every head is guaranteed, a number in [0, 1]; got {head_floor!r}"
+        )
+    if head_floor and head_budget != "shared":
+        raise ValueError(
+            "head_floor guarantees each head part of a shared budget; it needs head_budget='shared' "
+            f"(with head_budget={head_budget!r} every head already keeps the whole per-head budget)"
+        )
+
+
 def check_score_source(name: str, field_name: str = "score") -> None:
     parts = name.split("+") if isinstance(name, str) else [name]
     if any(part not in SCORE_SOURCES for part in parts) or len(set(parts)) != len(parts):
@@ -305,17 +319,24 @@ def keep_by_score(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor 
     return gather_tokens(layer, top_indices(ranked, layer.slots))
 
 
-def shared_selection(scores: torch.Tensor, per_head: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+def shared_selection(
+    scores: torch.Tensor, per_head: int, forced: torch.Tensor | None = None, floor: int = 0
+) -> torch.Tensor:
     """[B, Hkv, T] bool: the `Hkv * per_head` highest `scores` ([B, Hkv, T]) over all heads of a layer
-    (so scores must be comparable across heads), `forced` tokens first. Ties go to the later token,
-    then the later head (`top_indices` over token-major pairs), so that tied forced tokens, such as
-    a window, are shared out evenly."""
+    (so scores must be comparable across heads), `forced` tokens first, then each head's `floor`
+    highest (forced ones counted first; Ada-KV's safeguard), then the rest by score. Ties go to the
+    later token, then the later head (`top_indices` over token-major pairs), so that tied forced
+    tokens, such as a window, are shared out evenly."""
     batch, heads, length = scores.shape
     if heads > 256:
         raise ValueError(f"a shared head budget tags each slot with its KV head in one byte; this layer has {heads} KV heads")
     ranked = scores.float()
     if forced is not None:
         ranked = ranked.masked_fill(forced, float("inf"))
+    if floor > 0:
+        # above every score, below the forced tokens' +inf: the floor never displaces a forced token
+        guaranteed = torch.zeros_like(ranked, dtype=torch.bool).scatter_(2, top_indices(ranked, min(floor, length)), True)
+        ranked = ranked.masked_fill(guaranteed & ranked.isfinite(), torch.finfo(torch.float32).max)
     token_major = top_indices(ranked.transpose(1, 2).reshape(batch, length * heads), heads * per_head)
     chosen = torch.zeros(batch, length * heads, dtype=torch.bool, device=scores.device)
     return chosen.scatter_(1, token_major, True).reshape(batch, length, heads).transpose(1, 2)
@@ -350,20 +371,30 @@ def packed_output(
     )
 
 
-def keep_by_score_shared(layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
-    """Evict down to the layer's budget shared by its heads (`shared_selection` of `Hkv * slots`):
-    each head keeps what it won, so heads hold different numbers of slots, packed into one row per
-    batch element (`packed_output`), each head's slots in sequence order."""
-    chosen = shared_selection(scores, layer.slots, forced)
+def keep_by_score_shared(
+    layer: LayerInput, scores: torch.Tensor, forced: torch.Tensor | None = None, floor: int = 0
+) -> LayerOutput:
+    """Evict down to the layer's budget shared by its heads (`shared_selection` of `Hkv * slots`, each
+    head guaranteed `floor` slots): each head keeps what it won, so heads hold different numbers of
+    slots, packed into one row per batch element (`packed_output`), each head's slots in sequence order."""
+    chosen = shared_selection(scores, layer.slots, forced, floor)
     positions = torch.arange(layer.length, device=scores.device).expand_as(chosen)
     return packed_output(layer.keys, layer.values, positions, chosen)
 
 
-def keep_by_score_as(layer: LayerInput, head_budget: str, scores: torch.Tensor, forced: torch.Tensor | None = None) -> LayerOutput:
-    """`keep_by_score` (every head keeps `layer.slots`) or, with ``head_budget="shared"``, `keep_by_score_shared`."""
+def keep_by_score_as(
+    layer: LayerInput, head_budget: str, scores: torch.Tensor, forced: torch.Tensor | None = None, head_floor: float = 0.0
+) -> LayerOutput:
+    """`keep_by_score` (every head keeps `layer.slots`) or, with ``head_budget="shared"``,
+    `keep_by_score_shared` with each head guaranteed `head_floor_slots(head_floor, layer.slots)`."""
     if head_budget == "shared":
-        return keep_by_score_shared(layer, scores, forced)
+        return keep_by_score_shared(layer, scores, forced, head_floor_slots(head_floor, layer.slots))
     return keep_by_score(layer, scores, forced)
+
+
+def head_floor_slots(head_floor: float, slots: int) -> int:
+    """The slots every head is guaranteed under a shared budget: ``floor(head_floor * slots)``."""
+    return int(math.floor(head_floor * slots + 1e-9))
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:

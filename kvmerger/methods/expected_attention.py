@@ -28,8 +28,9 @@ Choices:
 * The attention scaling is the layer's own (``module.scaling``), which is ``1 / sqrt(d)`` except
   where a model sets another (Gemma's query_pre_attn_scalar); kvpress uses ``1 / sqrt(d)``.
 * ``head_budget="shared"``: a layer's heads share its ``Hkv * S`` slots by score (kvpress's AdaKV
-  and KVzip rule, without AdaKV's per-head floor), stored packed (engine.hf); default ``"equal"``,
-  ``S`` per head as in kvpress's plain press.
+  and KVzip rule), stored packed (engine.hf); default ``"equal"``, ``S`` per head as in kvpress's
+  plain press. ``head_floor`` (default 0) is AdaKV's per-head safeguard: every head first keeps its
+  ``floor(head_floor * S)`` best (kvpress's ``AdaKVPress`` uses 0.2).
 * Ties go to the later token (`top_indices`).
 * During generation (engine option ``hold_budget=True``): the paper compresses the prompt once;
   the engine's default applies (H2O's eviction by accumulated attention).
@@ -42,7 +43,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, keep_by_score_as
 
 
 @dataclass
@@ -62,10 +63,12 @@ class ExpectedAttention(CompressionMethod):
     epsilon: float = 0.0
     query_window: int | None = None
     head_budget: str = "equal"
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_head_budget(self.head_budget)
+        check_head_floor(self.head_floor, self.head_budget)
         for name in ("n_future_positions", "n_sink"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "n_future_positions" else 0):
@@ -81,4 +84,4 @@ class ExpectedAttention(CompressionMethod):
         )
         if self.use_vnorm:  # the sinks keep their +inf
             scores = torch.where(scores.isinf(), scores, (scores + self.epsilon) * layer.values.float().norm(dim=-1))
-        return keep_by_score_as(layer, self.head_budget, scores)
+        return keep_by_score_as(layer, self.head_budget, scores, head_floor=self.head_floor)

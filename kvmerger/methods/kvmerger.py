@@ -81,7 +81,9 @@ Choices where the paper is silent or uncertain (each one a parameter):
   (recent and top-k counts scaled by its slots / ``S``): with the layer's counts instead, a head that
   wins few slots spends them all on the recent window and folds the rest of the prompt into one slot,
   which on the tuning seed raised the LM KL the more the larger the recent share (docs/BENCHMARKS.md
-  section 9).
+  section 9). ``head_floor`` (default 0: only each head's best token is guaranteed) is Ada-KV's
+  safeguard (Feng et al., arXiv 2407.11550; 0.2 in kvpress's ``AdaKVPress``): every head first wins
+  its ``floor(head_floor * S)`` best tokens, at least one.
 * Ties: protected top-k and merged pairs prefer the later token / pair, as the backward scan does.
 * Numerics: everything in float32, on the keys and values as they are (a set's kernel weights are in
   [0, 1] and sum to 1, so merged slots stay within their members' range and a token alone in its set
@@ -105,10 +107,12 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     check_head_budget,
+    check_head_floor,
     check_pooling,
     check_score_source,
     check_statistic,
     finite_as,
+    head_floor_slots,
     packed_output,
     shared_selection,
     top_indices,
@@ -178,11 +182,13 @@ class KVMerger(CompressionMethod):
     score_kernel: int = 1
     score_pooling: str = "max"
     head_budget: str = "equal"
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
         check_head_budget(self.head_budget)
+        check_head_floor(self.head_floor, self.head_budget)
         if self.head_budget == "shared" and (self.mode == "paper" or self.size_bias or self.max_set_size is not None):
             raise ValueError(
                 "head_budget='shared' shares an exact budget among a layer's heads and packs their slots without "
@@ -388,13 +394,14 @@ class KVMerger(CompressionMethod):
 
     def _compress_shared(self, layer: LayerInput) -> LayerOutput:
         """A layer's heads share its ``Hkv * S`` slots: each head's budget is what it wins in
-        `shared_selection` of the score (its best token forced, so every head keeps a slot), then each
+        `shared_selection` of the score (its `head_floor` share of ``S`` guaranteed, and at least its best
+        token, so every head keeps a slot), then each
         head merges down to its own budget as in exact mode, protecting the same share of it as an
         equal head, and the slots are packed."""
         batch, heads, length, dim = layer.keys.shape
         scores = self.scores(layer)
-        best = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, top_indices(scores.float(), 1), True)
-        head_slots = shared_selection(scores, layer.slots, forced=best).sum(dim=-1)  # [B, Hkv]
+        guaranteed = max(1, head_floor_slots(self.head_floor, layer.slots))
+        head_slots = shared_selection(scores, layer.slots, floor=guaranteed).sum(dim=-1)  # [B, Hkv]
         keys, values = layer.rows()
         attention = scores.flatten(0, 1)
         sets = self.identify(keys, attention, head_slots.flatten(), layer_slots=layer.slots)

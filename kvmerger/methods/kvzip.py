@@ -22,7 +22,9 @@ Choices:
   slot counted in it). Equal budgets cost KVzip much of its quality here: kvpress's press with
   shared budgets kept 5 of 5 pass keys at 0.35 where equal ones keep 3 of 5 (docs/BENCHMARKS.md
   section 4); its heads' shares are very uneven, so a dense cache would need far more than ``S``
-  slots per head to hold that selection, hence the packed layout.
+  slots per head to hold that selection, hence the packed layout. ``head_floor`` (default 0, as
+  kvpress's KVzip press) guarantees every head its ``floor(head_floor * S)`` best first (Ada-KV's
+  safeguard, Feng et al., arXiv 2407.11550).
 * Grouped-query attention: the maximum is also taken over the query heads of the group, as the
   reference does.
 * Ties go to the later token (`top_indices`).
@@ -37,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, keep_by_score_as
 
 
 @dataclass
@@ -51,13 +53,15 @@ class KVzip(CompressionMethod):
 
     budget: float = 0.5
     head_budget: str = "equal"
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_head_budget(self.head_budget)
+        check_head_floor(self.head_floor, self.head_budget)
 
     def needs_reconstruction(self) -> bool:
         return True
 
     def compress(self, layer: LayerInput) -> LayerOutput:
-        return keep_by_score_as(layer, self.head_budget, layer.scores.reconstruction_attention())
+        return keep_by_score_as(layer, self.head_budget, layer.scores.reconstruction_attention(), head_floor=self.head_floor)

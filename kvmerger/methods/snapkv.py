@@ -28,9 +28,11 @@ Choices:
   the window, the ``S`` newest tokens are kept (the window is ranked first; ties go to the later
   token). The reference instead leaves prompts shorter than its capacity uncompressed; here every
   method keeps exactly ``S`` slots.
-* ``head_budget="shared"`` (Ada-KV's idea, Feng et al., arXiv 2407.11550, without its per-head
-  floor): a layer's heads share its ``Hkv * S`` slots by pooled score, the window forced in every
-  head, stored packed (engine.hf); default ``"equal"``, the paper's ``S`` per head.
+* ``head_budget="shared"`` (Ada-KV's idea, Feng et al., arXiv 2407.11550): a layer's heads share its
+  ``Hkv * S`` slots by pooled score, the window forced in every head, stored packed (engine.hf);
+  default ``"equal"``, the paper's ``S`` per head. ``head_floor`` (default 0, none) is Ada-KV's
+  safeguard: every head first keeps its ``floor(head_floor * S)`` best (kvpress's ``AdaKVPress``
+  uses 0.2).
 * During generation (engine option ``hold_budget=True``): SnapKV compresses the prompt once and
   defines no rule, so the engine's default applies (H2O's eviction by accumulated attention).
 """
@@ -43,7 +45,7 @@ from typing import ClassVar
 import torch
 
 from kvmerger.engine.scoring import pool_scores
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_pooling, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, check_pooling, keep_by_score_as
 
 
 @dataclass
@@ -60,10 +62,12 @@ class SnapKV(CompressionMethod):
     kernel_size: int = 5
     pooling: str = "avg"
     head_budget: str = "equal"
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_head_budget(self.head_budget)
+        check_head_floor(self.head_floor, self.head_budget)
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"window is a number of last prompt queries, a positive integer; got {self.window!r}")
         check_pooling(self.kernel_size, self.pooling)
@@ -77,6 +81,6 @@ class SnapKV(CompressionMethod):
             past = pool_scores(past, self.kernel_size, self.pooling)
         window_first = torch.full_like(observed[..., length - window :], float("inf"), dtype=torch.float32)
         ranked = torch.cat([past.float(), window_first], dim=-1)
-        output = keep_by_score_as(layer, self.head_budget, ranked)
+        output = keep_by_score_as(layer, self.head_budget, ranked, head_floor=self.head_floor)
         output.notes = {**output.notes, "window_kept": min(window, layer.slots)}
         return output
