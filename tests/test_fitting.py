@@ -17,6 +17,7 @@ from kvmerger.evaluation.texts import essays
 from kvmerger.methods.attention_matching import (
     AttentionMatching,
     ReferenceQueries,
+    keys_seen_by_every_query,
     fit_slot_values,
     fit_slot_weights,
     full_cache_targets,
@@ -410,20 +411,24 @@ def test_on_the_default_model_fitting_the_merge_beats_the_plain_merge_at_a_tenth
     assert kl["fitted-kvmerger"] < 0.75 * kl["kvmerger"], kl
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_fused_targets_give_the_same_normalisers_and_outputs(causal):
+@pytest.mark.parametrize("causal, late", [(False, False), (True, False), (True, True)])
+def test_fused_targets_give_the_same_normalisers_and_outputs(causal, late):
+    """late: the queries stand at the last positions (the fitted merge's default), so the keys every
+    query sees take an unmasked pass and the rest a masked one, joined by their normalisers."""
     rng = np.random.default_rng(7)
     rows, count, length, dim = 3, 11, 9, 4
-    ref = ReferenceQueries(torch.tensor(rng.normal(size=(rows, count, dim)) * 3, dtype=torch.float32),
-                           torch.tensor(rng.integers(0, length, size=count)))
+    positions = length - 1 - rng.integers(0, 3, size=count) if late else rng.integers(0, length, size=count)
+    ref = ReferenceQueries(torch.tensor(rng.normal(size=(rows, count, dim)) * 3, dtype=torch.float32), torch.tensor(positions))
     keys, values = (torch.tensor(rng.normal(size=(rows, length, dim)), dtype=torch.float32) for _ in range(2))
     token_from = torch.tensor(np.sort(rng.integers(0, length, size=(rows, length)), axis=1)) if causal else None
+    if late:
+        assert 0 < keys_seen_by_every_query(token_from, ref.positions, length) < length  # both passes run
     plain = full_cache_targets(ref, keys, values, token_from, chunk=4)
     fused = full_cache_targets(ref, keys, values, token_from, with_rms=False)
     assert fused.attention_rms is None and torch.equal(fused.visible, plain.visible)
     seen = plain.visible
     torch.testing.assert_close(fused.shift[seen] + fused.mass[seen].log(), plain.shift[seen] + plain.mass[seen].log())
     torch.testing.assert_close(fused.outputs, plain.outputs, rtol=1e-5, atol=1e-6)
-    if causal:
+    if causal and not late:
         assert not bool(seen.all())  # some query sees no token: its mass is 0 on both paths
         assert bool((fused.mass[~seen] == 0).all())

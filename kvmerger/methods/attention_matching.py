@@ -226,6 +226,39 @@ def full_cache_targets(
 
 
 def _fused_targets(ref: ReferenceQueries, keys: torch.Tensor, values: torch.Tensor, token_from: torch.Tensor | None) -> Targets:
+    """One flash pass over the keys every reference query may see (no mask), one masked pass over the
+    rest, joined by their log-normalisers: the same result as one masked pass, without a [N, R, T] mask
+    when the queries are the prompt's last positions (then the masked rest is a short tail)."""
+    shared = keys_seen_by_every_query(token_from, ref.positions, keys.shape[1])
+    rows, count = ref.queries.shape[:2]
+    if shared == 0:
+        return _masked_targets(ref, keys, values, token_from)
+    queries = ref.queries.unsqueeze(1)  # the queries carry the attention scaling already
+    outputs, lse = kernels.masked_attention_with_lse(
+        queries, keys[:, :shared].float().unsqueeze(1), values[:, :shared].float().unsqueeze(1), None, 1.0
+    )
+    outputs, lse = outputs[:, 0].float(), lse[:, 0].float()
+    if shared < keys.shape[1]:
+        tail = _masked_targets(ref, keys[:, shared:], values[:, shared:], token_from[:, shared:])
+        tail_lse = torch.where(tail.visible, tail.shift, torch.full_like(tail.shift, float("-inf")))
+        joined = torch.logaddexp(lse, tail_lse)
+        outputs = outputs * (lse - joined).exp().unsqueeze(-1) + tail.outputs * (tail_lse - joined).exp().unsqueeze(-1)
+        lse = joined
+    visible = torch.ones(rows, count, dtype=torch.bool, device=keys.device)
+    return Targets(lse, visible.float(), outputs, None, visible)
+
+
+def keys_seen_by_every_query(token_from: torch.Tensor | None, positions: torch.Tensor, length: int) -> int:
+    """How many leading keys every query may see: all `length` without a restriction, else the shortest
+    row's prefix of keys visible from the earliest query (`token_from` never decreases along a row:
+    it is the end of each token's contiguous set)."""
+    if token_from is None:
+        return length
+    earliest = positions.min()
+    return int((token_from <= earliest).sum(dim=-1).min())
+
+
+def _masked_targets(ref: ReferenceQueries, keys: torch.Tensor, values: torch.Tensor, token_from: torch.Tensor | None) -> Targets:
     seen = visibility(token_from, ref.positions)  # [N, R, T] or None
     outputs, lse = kernels.masked_attention_with_lse(
         ref.queries.unsqueeze(1), keys.float().unsqueeze(1), values.float().unsqueeze(1),
@@ -241,10 +274,10 @@ def slot_features(
     ref: ReferenceQueries, slot_keys: torch.Tensor, shift: torch.Tensor, slot_from: torch.Tensor | None
 ) -> torch.Tensor:
     """[N, R, S]: exp(q_r . k_s - shift_r), zero where query r may not see slot s."""
-    logits = torch.bmm(ref.queries, slot_keys.float().transpose(1, 2)) - shift.unsqueeze(-1)
-    features = logits.clamp_max(80.0).exp()  # a slot key is never above its tokens' max logit; guard anyway
+    logits = torch.baddbmm(shift.unsqueeze(-1), ref.queries, slot_keys.float().transpose(1, 2), beta=-1.0)
+    features = logits.clamp_max_(80.0).exp_()  # a slot key is never above its tokens' max logit; guard anyway
     seen = visibility(slot_from, ref.positions)
-    return features if seen is None else features.masked_fill(~seen, 0.0)
+    return features if seen is None else features.masked_fill_(~seen, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,12 +292,12 @@ def ridge_correction(design: torch.Tensor, residual: torch.Tensor, ridge: float)
     (S x S) and dual (R x R) normal systems by Cholesky, in float32.
     """
     rows, count, slots = design.shape
-    mean_eigenvalue = design.square().sum(dim=(1, 2)) / slots
+    primal = count >= slots
+    gram = design.transpose(1, 2) @ design if primal else design @ design.transpose(1, 2)
+    mean_eigenvalue = gram.diagonal(dim1=1, dim2=2).sum(dim=-1) / slots  # either Gram's trace is ||design||_F^2
     lam = (max(ridge, RIDGE_FLOOR) * mean_eigenvalue).clamp_min(1e-30).view(rows, 1, 1)
-    if count >= slots:
-        gram = design.transpose(1, 2) @ design
+    if primal:
         return _positive_solve(gram, design.transpose(1, 2) @ residual, lam)
-    gram = design @ design.transpose(1, 2)
     return design.transpose(1, 2) @ _positive_solve(gram, residual, lam)
 
 
@@ -304,7 +337,7 @@ def fit_slot_weights(
         scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
         design, target = features * scale.unsqueeze(-1), mass * scale
     slots = design.shape[-1]
-    lam = max(ridge, RIDGE_FLOOR) * design.square().sum(dim=(1, 2)) / slots
+    lam = max(ridge, RIDGE_FLOOR) * torch.linalg.vector_norm(design, dim=(1, 2)).square() / slots
     residual = target - (design @ prior.unsqueeze(-1)).squeeze(-1)
     solved = prior + ridge_correction(design, residual.unsqueeze(-1), ridge).squeeze(-1)
     start = torch.minimum(torch.maximum(solved, lower), upper)
@@ -313,7 +346,8 @@ def fit_slot_weights(
         fit = (design @ w.unsqueeze(-1)).squeeze(-1) - target
         return fit.square().sum(-1) + lam * (w - prior).square().sum(-1)
 
-    weights = torch.where((objective(start) <= objective(prior)).unsqueeze(-1), start, prior)
+    at_prior = residual.square().sum(-1)  # objective(prior): the fit's error, no ridge term
+    weights = torch.where((objective(start) <= at_prior).unsqueeze(-1), start, prior)
     if steps:
         step = 1.0 / (_spectral_bound(design) + lam).clamp_min(1e-30)
         for _ in range(steps):
@@ -324,10 +358,10 @@ def fit_slot_weights(
 
 
 def _spectral_bound(design: torch.Tensor) -> torch.Tensor:
-    """[N]: an upper bound of ||design||_2^2, the largest column sum times the largest row sum of |design|
-    (one pass over the design; tight for the near-rank-one exp features of attention)."""
-    magnitude = design.abs()
-    return magnitude.sum(dim=1).amax(dim=-1) * magnitude.sum(dim=2).amax(dim=-1)
+    """[N]: an upper bound of ||design||_2^2, the largest column sum times the largest row sum of
+    `design`, which is non-negative (exp features, scaled by positive numbers); tight for the
+    near-rank-one exp features of attention."""
+    return design.sum(dim=1).amax(dim=-1) * design.sum(dim=2).amax(dim=-1)
 
 
 def slot_attention(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -357,9 +391,10 @@ def fit_report(
 
     def errors(w: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
         seen = targets.visible
-        mass = (features @ w.unsqueeze(-1)).squeeze(-1)
+        weighted = features * w.unsqueeze(1)
+        mass = weighted.sum(dim=-1)
         mass_error = ((mass - targets.mass).abs() / targets.mass.clamp_min(1e-30))[seen]
-        out = slot_attention(features, w) @ v
+        out = (weighted @ v) / mass.clamp_min(1e-30).unsqueeze(-1)  # slot_attention(features, w) @ v
         scale = targets.outputs.norm(dim=-1).clamp_min(1e-12)
         output_error = ((out - targets.outputs).norm(dim=-1) / scale)[seen]
         return float(mass_error.mean()), float(output_error.mean())
