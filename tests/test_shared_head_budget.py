@@ -13,6 +13,7 @@ import torch
 from kvmerger import compress, compress_prefill, record_prefill
 from kvmerger.engine.hf import CompressedCache, CompressedLayer
 from kvmerger.engine.session import attach, compress_layer
+from kvmerger.methods.attention_matching import fit_slot_values, fit_slot_weights
 from kvmerger.methods.base import LayerInput, get_method, keep_by_score_shared, slots_for_budget
 from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 
@@ -317,3 +318,102 @@ def test_shared_kvmerger_generates_and_refuses_what_it_cannot_pack():
     for bad in ({"mode": "paper"}, {"size_bias": True}, {"max_set_size": 4}):
         with pytest.raises(ValueError, match="head_budget='shared'"):
             get_method("kvmerger", head_budget="shared", **bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitted KVMerger with a shared head budget: packed slots with per-slot biases
+# --------------------------------------------------------------------------------------------
+
+
+def dense_twin_of_packed(packed: CompressedCache, seen_tokens: int) -> CompressedCache:
+    """The packed cache held densely: each head's slots (keys, values, biases) in its own row, padded
+    to the widest head with zero keys and a -inf bias."""
+    layers = []
+    for layer in packed.layers:
+        if not isinstance(layer, CompressedLayer) or not layer.packed:
+            layers.append(layer)
+            continue
+        heads = layer.kv_heads
+        tags = layer.slot_heads[0].long()
+        width = int(torch.bincount(tags, minlength=heads).max())
+        keys = layer.keys.new_zeros(1, heads, width, layer.keys.shape[-1])
+        values = layer.values.new_zeros(1, heads, width, layer.values.shape[-1])
+        bias = torch.full((1, heads, width), float("-inf"))
+        for head in range(heads):
+            mine = tags == head
+            count = int(mine.sum())
+            keys[0, head, :count], values[0, head, :count] = layer.keys[0, 0, mine], layer.values[0, 0, mine]
+            bias[0, head, :count] = layer.slot_bias[0, 0, mine]
+        layers.append((keys, values, bias))
+    return CompressedCache.from_tensors(layers, seen_tokens=seen_tokens)
+
+
+@pytest.mark.parametrize("score", ["expected", "reconstruction"])
+def test_fitted_shared_kvmerger_attends_as_its_slots_and_biases_held_densely(score):
+    model = build_tiny("llama")
+    ids = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(2))
+    prefill = record_prefill(model, ids, tokenizer=CharTokenizer())
+    method = get_method("fitted-kvmerger", budget=0.3, head_budget="shared", score=score)
+    packed, report = compress_prefill(prefill, method)
+    assert any(len(set(layer.notes["head_slots"][0])) > 1 for layer in report.layers)  # heads hold different counts
+    twin = dense_twin_of_packed(packed, prefill.length)
+    slot_bytes = 2 * model.config.head_dim * 4
+    slots = method.target_slots(48, slot_bytes)
+    for layer, layer_report in zip(packed.layers, report.layers):
+        assert layer.packed and layer.slot_bias.shape == (1, 1, 2 * slots) and bool(layer.slot_bias.isfinite().all())
+        assert layer_report.bytes_after <= slots_for_budget(48, 0.3) * 2 * slot_bytes  # keys, values, biases, tags
+    question = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    logits: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), attach(model):
+        for label, cache in (("packed", packed.fork()), ("twin", twin)):
+            logits[label] = [model(question, cache=cache).logits]
+            for _ in range(3):
+                logits[label].append(model(logits[label][-1][:, -1:].argmax(-1), cache=cache).logits)
+    for mine, theirs in zip(logits["packed"], logits["twin"]):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+    grown = packed.fork()
+    with torch.no_grad(), attach(model):
+        model(question, cache=grown)
+    grown.crop(-5)  # the appended tokens' slots and zero biases go again
+    assert all(torch.equal(a.slot_bias, b.slot_bias) for a, b in zip(grown.layers, packed.layers))
+
+
+def test_fitted_shared_kvmerger_with_a_full_head_floor_is_the_equal_fit():
+    generator = torch.Generator().manual_seed(12)
+    batch, heads, length, dim = 1, 3, 40, 8
+    keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
+    values = torch.randn(batch, heads, length, dim, generator=generator)
+    scores = standalone_scores(torch.randn(batch, 6, length, dim, generator=generator) * 2, keys, dim**-0.5)
+    shared = get_method("fitted-kvmerger", budget=0.3, score="window", head_budget="shared", head_floor=1.0)
+    packed, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
+    dense = get_method("fitted-kvmerger", budget=0.3, score="window").compress(
+        LayerInput(keys, values, scores, 0, 1, report.slots_after)
+    )
+    for mine, theirs in ((packed.keys, dense.keys), (packed.values, dense.values), (packed.bias, dense.bias)):
+        torch.testing.assert_close(mine.reshape(theirs.shape), theirs, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_row_with_padding_slots_is_fitted_as_that_row_alone(seed):
+    """Rows of a shared budget hold different numbers of slots; padded with zero features, a [0, 0] box
+    and their own count of columns, each row's weights and values are those of the row fitted alone."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, count, width, dim = 3, 10, 9, 4
+    real = torch.tensor([9, 6, 3])
+    features = torch.rand(rows, count, width, generator=generator) + 0.05
+    padding = torch.arange(width) >= real.view(-1, 1)
+    features = features.masked_fill(padding.unsqueeze(1), 0.0)
+    mass = torch.rand(rows, count, generator=generator) * width
+    prior = torch.randint(1, 4, (rows, width), generator=generator).float().masked_fill(padding, 0.0)
+    outputs = torch.randn(rows, count, dim, generator=generator)
+    prior_values = torch.randn(rows, width, dim, generator=generator).masked_fill(padding.unsqueeze(-1), 0.0)
+    together = fit_slot_weights(features, mass, prior, prior * 0.05, prior * 20, 0.1, 2, True, columns=real)
+    values = fit_slot_values(features, together, outputs, prior_values, 0.1, columns=real)
+    for row in range(rows):
+        n = int(real[row])
+        f, p = features[row : row + 1, :, :n], prior[row : row + 1, :n]
+        alone = fit_slot_weights(f, mass[row : row + 1], p, p * 0.05, p * 20, 0.1, 2, True)
+        torch.testing.assert_close(together[row, :n], alone[0], atol=1e-5, rtol=1e-4)
+        assert bool((together[row, n:] == 0).all())
+        alone_values = fit_slot_values(f, alone, outputs[row : row + 1], prior_values[row : row + 1, :n], 0.1)
+        torch.testing.assert_close(values[row, :n], alone_values[0], atol=1e-4, rtol=1e-4)

@@ -113,6 +113,8 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("max_set_size", "int | None", None, "cap on the tokens of one merging set (None: no cap, the paper's)"),
             Parameter("score_kernel", "int", 1, "keys the other score sources are pooled over (odd; 1: none, their papers')"),
             Parameter("score_pooling", "str", "max", "pooling of the other score sources: avg or max"),
+            HEAD_BUDGET,
+            HEAD_FLOOR,
         ),
     ),
     MethodEntry("full", "Full cache: no compression (the reference)", (_budget(1.0),)),

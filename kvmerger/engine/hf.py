@@ -4,7 +4,8 @@
   `generate()`'s input slicing) apart from *slots stored* (mask sizes), plus an optional additive
   logit bias per stored slot and KV head. A layer whose heads share its budget (they hold different
   numbers of slots) is *packed*: every head's slots in one row [B, 1, N, d] with a KV-head tag per
-  slot, so that the tensors hold exactly the slots kept, no padding.
+  slot (and, for a fitted merge, one bias per slot), so that the tensors hold exactly the slots
+  kept, no padding.
 * The attention function registered as ``"kvmerger"``: transformers' own sdpa path, with the
   per-slot bias added (for a packed layer: one sdpa call over the row, each query head masked to
   its KV head's slots), and the hook through which a compression session sees each layer's query
@@ -87,8 +88,8 @@ class CompressedLayer(DynamicLayer):
             tags = torch.arange(self.kv_heads, dtype=torch.uint8, device=self.slot_heads.device).repeat(new_tokens)
             self.slot_heads = torch.cat([self.slot_heads, tags.expand(self.slot_heads.shape[0], -1)], dim=-1)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.slot_bias is not None:
-            pad = self.slot_bias.new_zeros(*self.slot_bias.shape[:-1], new_tokens)
+        if self.slot_bias is not None:  # new slots carry no bias (a packed layer: one per token and KV head)
+            pad = self.slot_bias.new_zeros(*self.slot_bias.shape[:-1], new_tokens * (self.kv_heads if self.packed else 1))
             self.slot_bias = torch.cat([self.slot_bias, pad], dim=-1)
         session = active_session()
         self.prefill_pending = (
@@ -115,13 +116,14 @@ class CompressedLayer(DynamicLayer):
             raise ValueError(
                 f"cannot crop {remove} tokens: only the {appended} tokens appended after compression can be removed"
             )
+        removed_slots = remove * (self.kv_heads if self.packed else 1)
         if remove and self.packed:
-            super().crop(-remove * self.kv_heads)
-            self.slot_heads = self.slot_heads[..., : -remove * self.kv_heads]
+            super().crop(-removed_slots)
+            self.slot_heads = self.slot_heads[..., :-removed_slots]
         else:
             super().crop(tokens_to_remove)
         if remove and self.slot_bias is not None:
-            self.slot_bias = self.slot_bias[..., :-remove]
+            self.slot_bias = self.slot_bias[..., :-removed_slots]
         self.seen_tokens -= remove
 
     def reset(self) -> None:
@@ -177,9 +179,13 @@ class CompressedLayer(DynamicLayer):
         kv_heads: int = 0,
     ) -> None:
         """Swap the stored tensors for compressed ones; the tokens seen stay as they are. With
-        `slot_heads` ([B, N] uint8) the tensors are a packed row [B, 1, N, d] of `kv_heads` heads."""
-        if slot_heads is not None and (bias is not None or keys.shape[1] != 1 or kv_heads < 1):
-            raise ValueError("a packed layer holds keys [B, 1, N, d], no per-slot bias, and its count of KV heads")
+        `slot_heads` ([B, N] uint8) the tensors are a packed row [B, 1, N, d] of `kv_heads` heads, and a
+        bias, if any, is one per packed slot [B, 1, N]."""
+        packed_bias_ok = bias is None or tuple(bias.shape) == tuple(keys.shape[:3])
+        if slot_heads is not None and (not packed_bias_ok or keys.shape[1] != 1 or kv_heads < 1):
+            raise ValueError(
+                "a packed layer holds keys [B, 1, N, d], at most one bias per slot [B, 1, N], and its count of KV heads"
+            )
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
@@ -419,7 +425,7 @@ def kvmerger_attention(
         output, lse = _prefill_attention_with_lse(query, key, value, scaling)
     elif layer is not None and layer.packed:
         output = _packed_attention(
-            query, key, value, layer.slot_heads, layer.kv_heads, attention_mask, scaling, dropout, kwargs
+            query, key, value, layer.slot_heads, layer.kv_heads, layer.slot_bias, attention_mask, scaling, dropout, kwargs
         )
     else:
         position_bias = _query_head_bias(layer.slot_bias, query) if layer is not None else None
@@ -477,6 +483,7 @@ def _packed_attention(
     value: torch.Tensor,
     slot_heads: torch.Tensor,
     kv_heads: int,
+    slot_bias: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     dropout: float,
@@ -487,7 +494,8 @@ def _packed_attention(
     key, value: [B, 1, N, d], the heads' slots in one row, `slot_heads` [B, N] tagging each; the
     last ``q_len * kv_heads`` slots are this pass's tokens (`pack_heads`). Every (query head, query)
     pair becomes one row of a single sdpa call over the whole row, masked to its KV head's slots and,
-    among this pass's tokens, to the causal (and padding) block of transformers' mask. The arithmetic
+    among this pass's tokens, to the causal (and padding) block of transformers' mask; `slot_bias`
+    ([B, 1, N] float32, or None) is added to every row's logits of those slots. The arithmetic
     is ``kv_heads`` times that of a dense layer of the same average length; the memory is the slots kept.
     """
     if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
@@ -513,12 +521,12 @@ def _packed_attention(
         ],
         dim=-1,
     )
+    mask = visible.reshape(batch, 1, q_heads * q_len, slots)
+    if slot_bias is not None:
+        bias = slot_bias.to(query.dtype).unsqueeze(2)  # [B, 1, 1, N]
+        mask = torch.where(mask, bias, torch.full_like(bias, float("-inf")))
     output = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, 1, q_heads * q_len, dim),
-        key,
-        value,
-        attn_mask=visible.reshape(batch, 1, q_heads * q_len, slots),
-        scale=scaling,
+        query.reshape(batch, 1, q_heads * q_len, dim), key, value, attn_mask=mask, scale=scaling
     )
     return output.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
 

@@ -554,11 +554,12 @@ def _check_packed_output(method: CompressionMethod, layer: LayerInput, output: L
         output.keys.shape[:3] != expected
         or output.values.shape[:3] != expected
         or tuple(output.slot_heads.shape) != (batch, heads * layer.slots)
-        or output.bias is not None
+        or (output.bias is not None and (not method.stores_bias() or tuple(output.bias.shape) != expected))
     ):
         raise RuntimeError(
             f"{method.name} packed layer {layer.layer_idx} into keys {tuple(output.keys.shape)}; a shared budget of "
-            f"{layer.slots} slots per head means one row of {heads * layer.slots} slots per sequence and no bias"
+            f"{layer.slots} slots per head means one row of {heads * layer.slots} slots per sequence, and a "
+            "bias only from a method that stores one, one per slot"
         )
 
 

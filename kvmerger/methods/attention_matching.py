@@ -285,16 +285,20 @@ def slot_features(
 # --------------------------------------------------------------------------------------------
 
 
-def ridge_correction(design: torch.Tensor, residual: torch.Tensor, ridge: float) -> torch.Tensor:
+def ridge_correction(
+    design: torch.Tensor, residual: torch.Tensor, ridge: float, columns: torch.Tensor | None = None
+) -> torch.Tensor:
     """argmin_D ||design @ D - residual||^2 + lam ||D||^2, batched; design [N, R, S], residual [N, R, c].
 
-    lam = max(ridge, RIDGE_FLOOR) * trace(design^T design) / S. Solved in the smaller of the primal
-    (S x S) and dual (R x R) normal systems by Cholesky, in float32.
+    lam = max(ridge, RIDGE_FLOOR) * trace(design^T design) / S, where S is each row's `columns` ([N];
+    default all S: rows whose last columns are zero padding get the lam they would have alone).
+    Solved in the smaller of the primal (S x S) and dual (R x R) normal systems by Cholesky, in float32.
     """
     rows, count, slots = design.shape
     primal = count >= slots
     gram = design.transpose(1, 2) @ design if primal else design @ design.transpose(1, 2)
-    mean_eigenvalue = gram.diagonal(dim1=1, dim2=2).sum(dim=-1) / slots  # either Gram's trace is ||design||_F^2
+    real = slots if columns is None else columns.clamp_min(1).to(gram.dtype)
+    mean_eigenvalue = gram.diagonal(dim1=1, dim2=2).sum(dim=-1) / real  # either Gram's trace is ||design||_F^2
     lam = (max(ridge, RIDGE_FLOOR) * mean_eigenvalue).clamp_min(1e-30).view(rows, 1, 1)
     if primal:
         return _positive_solve(gram, design.transpose(1, 2) @ residual, lam)
@@ -322,6 +326,7 @@ def fit_slot_weights(
     ridge: float,
     steps: int,
     relative: bool,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-negative (boxed) least squares for the slot weights w = exp(bias), batched over rows.
 
@@ -330,16 +335,17 @@ def fit_slot_weights(
     query counts by its relative mass error). Closed form (ridge correction of the prior), clamped to
     the box; if the clamped prior is better on this objective, start from it instead; then `steps`
     projected-gradient steps of size 1 / (L + lam), L an upper bound of ||M||_2^2 (so every step
-    decreases the objective). Returns [N, S] float32.
+    decreases the objective). `columns` ([N], default S): each row's real slots, for the ridge (see
+    `ridge_correction`); padding slots need zero features and a box of [0, 0]. Returns [N, S] float32.
     """
     design, target = features, mass
     if relative:
         scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
         design, target = features * scale.unsqueeze(-1), mass * scale
-    slots = design.shape[-1]
+    slots = design.shape[-1] if columns is None else columns.clamp_min(1).to(design.dtype)
     lam = max(ridge, RIDGE_FLOOR) * torch.linalg.vector_norm(design, dim=(1, 2)).square() / slots
     residual = target - (design @ prior.unsqueeze(-1)).squeeze(-1)
-    solved = prior + ridge_correction(design, residual.unsqueeze(-1), ridge).squeeze(-1)
+    solved = prior + ridge_correction(design, residual.unsqueeze(-1), ridge, columns).squeeze(-1)
     start = torch.minimum(torch.maximum(solved, lower), upper)
 
     def objective(w: torch.Tensor) -> torch.Tensor:
@@ -371,16 +377,18 @@ def slot_attention(features: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 
 
 def fit_slot_values(
-    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, ridge: float
+    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, ridge: float,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least squares for the slot values so that the compressed attention reproduces `outputs`.
 
     min_C ||X C - Y||^2 + lam ||C - prior||^2 with X = slot_attention(features, weights) [N, R, S],
-    Y = outputs [N, R, dv], prior [N, S, dv] (all in the row's value units). Returns [N, S, dv].
+    Y = outputs [N, R, dv], prior [N, S, dv] (all in the row's value units); `columns` as in
+    `ridge_correction`. Returns [N, S, dv].
     """
     attention = slot_attention(features, weights)
     residual = outputs - attention @ prior
-    return prior + ridge_correction(attention, residual, ridge)
+    return prior + ridge_correction(attention, residual, ridge, columns)
 
 
 def fit_report(

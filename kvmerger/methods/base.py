@@ -349,6 +349,7 @@ def packed_output(
     real: torch.Tensor,
     set_sizes: torch.Tensor | None = None,
     notes: dict[str, Any] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> LayerOutput:
     """A packed LayerOutput from per-head slots [B, Hkv, S', ...] of which `real` [B, Hkv, S'] are
     kept (the same number in every batch element): one row per batch element, head by head, each
@@ -366,6 +367,7 @@ def packed_output(
         values=pack(values),
         positions=pack(positions),
         set_sizes=None if set_sizes is None else pack(set_sizes),
+        bias=None if bias is None else pack(bias),
         slot_heads=head_of[real].reshape(batch, kept).to(torch.uint8),
         notes={**(notes or {}), "head_slots": counts.tolist()},
     )

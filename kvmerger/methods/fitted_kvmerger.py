@@ -60,6 +60,13 @@ the defaults give 0.0028 / 0.0079 / 0.0382 (H2O 0.0049 / 0.0123 / 0.0626, SnapKV
   0.0039 / 0.0122 / 0.0799.
 * The bias is one float32 per slot and KV head; the engine counts it in the cache's bytes (budget
   0.5 of a 64-dim head: 0.5039 of the full cache's bytes).
+* ``head_budget="shared"`` (default ``"equal"``; ``head_floor`` as in KVMerger): a layer's heads
+  share its slots as in KVMerger's shared mode (each head merges down to what it won, protecting the
+  same share of it), then every head is fitted on its own slots. Heads hold different numbers of
+  slots; the fit pads them with zero features, a weight box of [0, 0] and each row's own count of
+  slots in the ridge, which gives each head the fit it would get alone (tested), and the slots,
+  values and biases are stored packed (one bias and one KV-head tag per slot, both paid from the
+  budget). ``head_floor=1`` is the equal budget's fit exactly (tested).
 * Numerics as in attention_matching: float32, per-query log-sum-exp shifts, values in units of the
   row's largest |value|, outputs cast back clamped to the dtype's finite range; batched over rows.
 """
@@ -83,7 +90,7 @@ from kvmerger.methods.attention_matching import (
     slot_features,
     validate_fit_fields,
 )
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, finite_as, row_scale
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, finite_as, packed_output, row_scale
 from kvmerger.methods.kvmerger import KVMerger, gaussian_merge
 
 KEY_CHOICES = ("merged", "pivot")
@@ -123,6 +130,8 @@ class FittedKVMerger(CompressionMethod):
     max_set_size: int | None = None
     score_kernel: int = 1
     score_pooling: str = "max"
+    head_budget: str = "equal"
+    head_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +163,7 @@ class FittedKVMerger(CompressionMethod):
             budget=self.budget, mode="exact", recent_ratio=recent, topk_ratio=topk, sigma=self.sigma, score=self.score,
             statistic=self.statistic, window_kernel=self.window_kernel, window_pooling=self.window_pooling,
             max_set_size=self.max_set_size, score_kernel=self.score_kernel, score_pooling=self.score_pooling,
+            head_budget=self.head_budget, head_floor=self.head_floor,
         )
 
     def stores_bias(self) -> bool:
@@ -167,8 +177,11 @@ class FittedKVMerger(CompressionMethod):
         rows = batch * heads
         keys, values = layer.rows()
         merger = self.merger()
-        attention = merger.scores(layer).flatten(0, 1)
-        sets = merger.identify(keys, attention, layer.slots)
+        scores = merger.scores(layer)
+        shared = self.head_budget == "shared"
+        budgets = merger.shared_head_slots(scores, layer.slots).flatten() if shared else layer.slots
+        attention = scores.flatten(0, 1)
+        sets = merger.identify(keys, attention, budgets, layer_slots=layer.slots if shared else None)
         slots = int(sets.count.max())
         merged_keys, merged_values, pivots, sizes = gaussian_merge(
             keys, values, attention, sets.segment, slots, self.sigma, False
@@ -185,16 +198,30 @@ class FittedKVMerger(CompressionMethod):
         token_from = set_end.gather(1, sets.segment) if self.causal else None
         targets = full_cache_targets(ref, keys, values.float() / scale, token_from, with_rms=False)
         features = slot_features(ref, slot_keys, targets.shift, set_end if self.causal else None)
+        real = sizes > 0  # a head that won fewer slots than the widest has padding slots (shared budget)
+        if shared:
+            features.masked_fill_(~real.unsqueeze(1), 0.0)
 
-        prior = sizes.float()
+        prior = sizes.float()  # 0 on padding, whose box is then [0, 0]
         weights = fit_slot_weights(
             features, targets.mass, prior, prior * math.exp(-self.bias_range), prior * math.exp(self.bias_range),
-            self.bias_ridge, self.nnls_steps, relative=True,
+            self.bias_ridge, self.nnls_steps, relative=True, columns=sets.count,
         )
         prior_values = merged_values.float() / scale
-        fitted = fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge)
+        fitted = fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge, columns=sets.count)
         notes = fit_report(features, targets, prior, prior_values, weights, fitted)
         notes.update(sets.protection_notes(), reference_queries=int(ref.queries.shape[1]))
+        if shared:
+            shape = (batch, heads, slots)
+            return packed_output(
+                slot_keys.reshape(*shape, dim),
+                finite_as(fitted * scale, layer.values.dtype).reshape(*shape, -1),
+                pivots.reshape(shape),
+                real.reshape(shape),
+                set_sizes=sizes.reshape(shape),
+                notes=notes,
+                bias=weights.log().reshape(shape),
+            )
         return LayerOutput(
             keys=slot_keys.reshape(batch, heads, slots, dim),
             values=finite_as(fitted * scale, layer.values.dtype).reshape(batch, heads, slots, -1),

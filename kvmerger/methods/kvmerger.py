@@ -392,6 +392,12 @@ class KVMerger(CompressionMethod):
             },
         )
 
+    def shared_head_slots(self, scores: torch.Tensor, slots: int) -> torch.Tensor:
+        """[B, Hkv] long: what each head wins of the layer's ``Hkv * slots`` in `shared_selection` of
+        `scores` [B, Hkv, T], with its `head_floor` share of `slots` guaranteed, and at least its best token."""
+        guaranteed = max(1, head_floor_slots(self.head_floor, slots))
+        return shared_selection(scores, slots, floor=guaranteed).sum(dim=-1)
+
     def _compress_shared(self, layer: LayerInput) -> LayerOutput:
         """A layer's heads share its ``Hkv * S`` slots: each head's budget is what it wins in
         `shared_selection` of the score (its `head_floor` share of ``S`` guaranteed, and at least its best
@@ -400,8 +406,7 @@ class KVMerger(CompressionMethod):
         equal head, and the slots are packed."""
         batch, heads, length, dim = layer.keys.shape
         scores = self.scores(layer)
-        guaranteed = max(1, head_floor_slots(self.head_floor, layer.slots))
-        head_slots = shared_selection(scores, layer.slots, floor=guaranteed).sum(dim=-1)  # [B, Hkv]
+        head_slots = self.shared_head_slots(scores, layer.slots)
         keys, values = layer.rows()
         attention = scores.flatten(0, 1)
         sets = self.identify(keys, attention, head_slots.flatten(), layer_slots=layer.slots)
