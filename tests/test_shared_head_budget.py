@@ -292,20 +292,24 @@ def test_shared_kvmerger_is_each_head_merged_to_the_budget_it_won(score, head_fl
     assert all(min(counts) >= max(1, math.floor(head_floor * per_head)) for counts in won)
 
 
-def test_shared_kvmerger_with_a_full_head_floor_is_the_equal_merge():
+@pytest.mark.parametrize("name", ["kvmerger", "fitted-kvmerger"])
+def test_a_shared_merge_with_a_full_head_floor_is_the_equal_merge(name):
+    """head_floor=1 gives every head S slots: the same slots, values, positions (and fitted biases) as
+    head_budget='equal' with as many slots, packed."""
     generator = torch.Generator().manual_seed(11)
     batch, heads, length, dim = 2, 3, 40, 8
     keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
     values = torch.randn(batch, heads, length, dim, generator=generator)
     scores = standalone_scores(torch.randn(batch, 6, length, dim, generator=generator) * 2, keys, dim**-0.5)
-    shared = get_method("kvmerger", budget=0.3, score="window", head_budget="shared", head_floor=1.0)
+    shared = get_method(name, budget=0.3, score="window", head_budget="shared", head_floor=1.0)
     packed, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
-    equal = get_method("kvmerger", budget=0.3, score="window")
-    dense = equal.compress(LayerInput(keys, values, scores, 0, 1, report.slots_after))
+    dense = get_method(name, budget=0.3, score="window").compress(LayerInput(keys, values, scores, 0, 1, report.slots_after))
     assert packed.notes["head_slots"] == [[report.slots_after] * heads] * batch
-    torch.testing.assert_close(packed.keys.reshape(dense.keys.shape), dense.keys, atol=0, rtol=0)
-    torch.testing.assert_close(packed.values.reshape(dense.values.shape), dense.values, atol=0, rtol=0)
-    assert torch.equal(packed.positions.reshape(dense.positions.shape), dense.positions)
+    pairs = [(packed.keys, dense.keys), (packed.values, dense.values), (packed.positions, dense.positions)]
+    if name == "fitted-kvmerger":
+        pairs.append((packed.bias, dense.bias))
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine.reshape(theirs.shape), theirs, atol=0, rtol=0)
 
 
 def test_shared_kvmerger_generates_and_refuses_what_it_cannot_pack():
@@ -376,21 +380,6 @@ def test_fitted_shared_kvmerger_attends_as_its_slots_and_biases_held_densely(sco
         model(question, cache=grown)
     grown.crop(-5)  # the appended tokens' slots and zero biases go again
     assert all(torch.equal(a.slot_bias, b.slot_bias) for a, b in zip(grown.layers, packed.layers))
-
-
-def test_fitted_shared_kvmerger_with_a_full_head_floor_is_the_equal_fit():
-    generator = torch.Generator().manual_seed(12)
-    batch, heads, length, dim = 1, 3, 40, 8
-    keys = torch.randn(batch, heads, length, dim, generator=generator).cumsum(2)
-    values = torch.randn(batch, heads, length, dim, generator=generator)
-    scores = standalone_scores(torch.randn(batch, 6, length, dim, generator=generator) * 2, keys, dim**-0.5)
-    shared = get_method("fitted-kvmerger", budget=0.3, score="window", head_budget="shared", head_floor=1.0)
-    packed, report = compress_layer(shared, keys, values, scores, layer_idx=0, num_layers=1)
-    dense = get_method("fitted-kvmerger", budget=0.3, score="window").compress(
-        LayerInput(keys, values, scores, 0, 1, report.slots_after)
-    )
-    for mine, theirs in ((packed.keys, dense.keys), (packed.values, dense.values), (packed.bias, dense.bias)):
-        torch.testing.assert_close(mine.reshape(theirs.shape), theirs, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(3))
