@@ -12,7 +12,8 @@ from kvmerger import FullCache, KVMerger, attach, compress, compress_prefill, re
 from kvmerger.engine.scoring import new_query_attention
 from kvmerger.methods.base import SlotState, hold_by_accumulated_attention
 from kvmerger.methods.h2o import H2O
-from kvmerger.methods.kvmerger import _fit_protection, _floor_count, adjacent_similarity
+from kvmerger.methods.base import floor_share
+from kvmerger.methods.kvmerger import _fit_protection, adjacent_similarity
 from tests.reference import ambiguous_selection, kvmerger_hold_row
 
 
@@ -74,7 +75,7 @@ def test_kvmerger_generation_rule_equals_the_reference(length, excess, sigma, se
     method = KVMerger(budget=0.5, sigma=sigma)
     out = method.hold_budget(state)
     recent, topk = method.protection()
-    n_recent, n_topk, _ = _fit_protection(_floor_count(recent, state.prompt_length), _floor_count(topk, state.prompt_length), target)
+    n_recent, n_topk, _ = _fit_protection(floor_share(recent, state.prompt_length), floor_share(topk, state.prompt_length), target)
     assert out.keys.shape == (2, 2, target, 4)
     for b in range(2):
         for h in range(2):

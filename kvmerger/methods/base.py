@@ -244,25 +244,23 @@ def check_statistic(name: str) -> None:
         )
 
 
-def check_head_budget(name: str) -> None:
+def check_head_budget(name: str, head_floor: float = 0.0) -> None:
+    """`head_budget` and `head_floor` (Ada-KV's safeguard: a share in [0, 1] of the per-head budget every
+    head keeps first, only with a shared budget)."""
     if name not in HEAD_BUDGETS:
         raise ValueError(
             f"head_budget must be one of {', '.join(HEAD_BUDGETS)} (every KV head keeps the budget's slots, or "
             f"a layer's heads share them by score, Ada-KV's and kvpress KVzip's rule), got {name!r}"
         )
-
-
-def check_head_floor(head_floor: float, head_budget: str) -> None:
-    """Ada-KV's safeguard: a share in [0, 1] of the per-head budget every head keeps, only with a shared budget."""
     number = isinstance(head_floor, (int, float)) and not isinstance(head_floor, bool)
     if not number or not 0.0 <= float(head_floor) <= 1.0:
         raise ValueError(
             f"head_floor is the share of the per-head budget every head is guaranteed, a number in [0, 1]; got {head_floor!r}"
         )
-    if head_floor and head_budget != "shared":
+    if head_floor and name != "shared":
         raise ValueError(
             "head_floor guarantees each head part of a shared budget; it needs head_budget='shared' "
-            f"(with head_budget={head_budget!r} every head already keeps the whole per-head budget)"
+            f"(with head_budget={name!r} every head already keeps the whole per-head budget)"
         )
 
 
@@ -388,15 +386,15 @@ def keep_by_score_as(
     layer: LayerInput, head_budget: str, scores: torch.Tensor, forced: torch.Tensor | None = None, head_floor: float = 0.0
 ) -> LayerOutput:
     """`keep_by_score` (every head keeps `layer.slots`) or, with ``head_budget="shared"``,
-    `keep_by_score_shared` with each head guaranteed `head_floor_slots(head_floor, layer.slots)`."""
+    `keep_by_score_shared` with each head guaranteed `floor_share(head_floor, layer.slots)` slots."""
     if head_budget == "shared":
-        return keep_by_score_shared(layer, scores, forced, head_floor_slots(head_floor, layer.slots))
+        return keep_by_score_shared(layer, scores, forced, floor_share(head_floor, layer.slots))
     return keep_by_score(layer, scores, forced)
 
 
-def head_floor_slots(head_floor: float, slots: int) -> int:
-    """The slots every head is guaranteed under a shared budget: ``floor(head_floor * slots)``."""
-    return int(math.floor(head_floor * slots + 1e-9))
+def floor_share(share: float, count: int) -> int:
+    """``floor(share * count)``, guarded against float noise (0.29 * 100 is 28.999999999999996 in floats)."""
+    return int(math.floor(share * count + 1e-9))
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
 
 
 @dataclass
@@ -67,8 +67,7 @@ class ExpectedAttention(CompressionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_head_budget(self.head_budget)
-        check_head_floor(self.head_floor, self.head_budget)
+        check_head_budget(self.head_budget, self.head_floor)
         for name in ("n_future_positions", "n_sink"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "n_future_positions" else 0):

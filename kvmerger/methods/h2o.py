@@ -29,7 +29,6 @@ Choices:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +40,7 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     check_statistic,
+    floor_share,
     gather_tokens,
     keep_slots,
     top_indices,
@@ -49,7 +49,7 @@ from kvmerger.methods.base import (
 
 def recent_slots(share: float, slots: int) -> int:
     """Slots of the recent window: ``floor(share * slots)`` (guarded against float noise)."""
-    return min(slots, int(math.floor(share * slots + 1e-9)))
+    return min(slots, floor_share(share, slots))
 
 
 def heavy_hitters_and_recent(attention: torch.Tensor, slots: int, recent: int) -> torch.Tensor:

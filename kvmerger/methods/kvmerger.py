@@ -107,12 +107,11 @@ from kvmerger.methods.base import (
     LayerOutput,
     SlotState,
     check_head_budget,
-    check_head_floor,
     check_pooling,
     check_score_source,
     check_statistic,
     finite_as,
-    head_floor_slots,
+    floor_share,
     packed_output,
     shared_selection,
     top_indices,
@@ -187,8 +186,7 @@ class KVMerger(CompressionMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_score_source(self.score)
-        check_head_budget(self.head_budget)
-        check_head_floor(self.head_floor, self.head_budget)
+        check_head_budget(self.head_budget, self.head_floor)
         if self.head_budget == "shared" and (self.mode == "paper" or self.size_bias or self.max_set_size is not None):
             raise ValueError(
                 "head_budget='shared' shares an exact budget among a layer's heads and packs their slots without "
@@ -257,7 +255,7 @@ class KVMerger(CompressionMethod):
         accumulated = state.accumulated.reshape(rows, length)
         recent_ratio, topk_ratio = self.protection()
         n_recent, n_topk, _ = _fit_protection(
-            _floor_count(recent_ratio, state.prompt_length), _floor_count(topk_ratio, state.prompt_length), state.target_slots
+            floor_share(recent_ratio, state.prompt_length), floor_share(topk_ratio, state.prompt_length), state.target_slots
         )
         protected = protected_tokens(accumulated, n_recent, n_topk)
         eligible = ~protected[:, 1:] & ~protected[:, :-1]
@@ -311,8 +309,8 @@ class KVMerger(CompressionMethod):
         slots / layer_slots, rounded down."""
         length = keys.shape[1]
         recent_ratio, topk_ratio = self.protection()
-        n_recent = _floor_count(recent_ratio, length)
-        n_topk = min(_floor_count(topk_ratio, length), length - n_recent)
+        n_recent = floor_share(recent_ratio, length)
+        n_topk = min(floor_share(topk_ratio, length), length - n_recent)
         topk_kept = torch.full((keys.shape[0],), n_topk, dtype=torch.long, device=keys.device)
         shrunk = False
         if isinstance(slots, torch.Tensor):  # rows with their own budgets: each row's recent window fits its own
@@ -395,15 +393,13 @@ class KVMerger(CompressionMethod):
     def shared_head_slots(self, scores: torch.Tensor, slots: int) -> torch.Tensor:
         """[B, Hkv] long: what each head wins of the layer's ``Hkv * slots`` in `shared_selection` of
         `scores` [B, Hkv, T], with its `head_floor` share of `slots` guaranteed, and at least its best token."""
-        guaranteed = max(1, head_floor_slots(self.head_floor, slots))
+        guaranteed = max(1, floor_share(self.head_floor, slots))
         return shared_selection(scores, slots, floor=guaranteed).sum(dim=-1)
 
     def _compress_shared(self, layer: LayerInput) -> LayerOutput:
         """A layer's heads share its ``Hkv * S`` slots: each head's budget is what it wins in
-        `shared_selection` of the score (its `head_floor` share of ``S`` guaranteed, and at least its best
-        token, so every head keeps a slot), then each
-        head merges down to its own budget as in exact mode, protecting the same share of it as an
-        equal head, and the slots are packed."""
+        `shared_head_slots` (so every head keeps a slot), then each head merges down to its own budget
+        as in exact mode, protecting the same share of it as an equal head, and the slots are packed."""
         batch, heads, length, dim = layer.keys.shape
         scores = self.scores(layer)
         head_slots = self.shared_head_slots(scores, layer.slots)
@@ -440,10 +436,6 @@ def _weakest_merged_similarity(sets: MergingSets) -> float | None:
         return None
     weakest = sets.similarity.masked_fill(~sets.merged_pairs, float("inf")).amin(dim=-1)
     return float(weakest[weakest.isfinite()].mean())
-
-
-def _floor_count(ratio: float, length: int) -> int:
-    return int(math.floor(ratio * length + 1e-9))
 
 
 def _fit_protection(n_recent: int, n_topk: int, slots: int) -> tuple[int, int, bool]:

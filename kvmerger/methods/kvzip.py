@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, keep_by_score_as
 
 
 @dataclass
@@ -57,8 +57,7 @@ class KVzip(CompressionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_head_budget(self.head_budget)
-        check_head_floor(self.head_floor, self.head_budget)
+        check_head_budget(self.head_budget, self.head_floor)
 
     def needs_reconstruction(self) -> bool:
         return True

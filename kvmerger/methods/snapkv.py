@@ -45,7 +45,7 @@ from typing import ClassVar
 import torch
 
 from kvmerger.engine.scoring import pool_scores
-from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_head_floor, check_pooling, keep_by_score_as
+from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, check_head_budget, check_pooling, keep_by_score_as
 
 
 @dataclass
@@ -66,8 +66,7 @@ class SnapKV(CompressionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_head_budget(self.head_budget)
-        check_head_floor(self.head_floor, self.head_budget)
+        check_head_budget(self.head_budget, self.head_floor)
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"window is a number of last prompt queries, a positive integer; got {self.window!r}")
         check_pooling(self.kernel_size, self.pooling)
