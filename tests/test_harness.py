@@ -170,6 +170,28 @@ def test_cell_keys_are_stable_and_change_with_any_parameter(tiny, tmp_path):
     assert method_label(changed.methods[1].variants([0.5])[0]) == "kvmerger[size_bias=True]"
 
 
+def test_a_method_given_protocols_runs_only_under_them_and_on_language_modelling(tiny, tmp_path):
+    model, tokenizer = tiny
+    config = settings()
+    config.methods = [MethodSpec("full"), MethodSpec("kvmerger", protocols=("query-agnostic",))]
+    groups = Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
+    labels = {(group.protocol, cell.label) for group in groups for cell in group.cells}
+    assert labels == {
+        ("query-aware", "full"),
+        ("query-agnostic", "full"),
+        ("query-agnostic", "kvmerger"),
+        ("teacher-forced", "full"),
+        ("teacher-forced", "kvmerger"),
+    }
+    everywhere = settings(methods=("full", "kvmerger"))
+    keys = lambda config: {  # noqa: E731
+        cell.key
+        for group in Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
+        for cell in group.cells
+    }
+    assert keys(config) < keys(everywhere)  # the same cells keep their keys, so runs resume across it
+
+
 def test_an_interrupted_run_resumes_without_redoing_or_losing_cells(tiny, tmp_path, monkeypatch, count_prefills):
     appended = []
     original = RecordStore.append
@@ -355,6 +377,8 @@ def test_bad_settings_are_refused_with_what_is_allowed():
         RunSettings([TaskPlan(get_task("passkey"), (400,), 1)], [MethodSpec("full")], [0.5], ["sideways"])
     with pytest.raises(ValueError, match="--budgets"):
         MethodSpec("kvmerger", {"budget": 0.5})
+    with pytest.raises(ValueError, match="protocols must be some of query-aware, query-agnostic"):
+        MethodSpec("kvmerger", protocols=("teacher-forced",))
 
 
 def test_a_context_longer_than_the_model_allows_is_refused(tiny, tmp_path):

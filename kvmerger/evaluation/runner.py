@@ -149,6 +149,9 @@ class MethodSpec:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    # The question protocols it runs under (None: the task's). Language modelling runs every method:
+    # its continuation is no question, so it reads the same under both.
+    protocols: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         import kvmerger.methods  # noqa: F401  (registers every method)
@@ -156,6 +159,8 @@ class MethodSpec:
         self.name = self.name.lower().replace("_", "-")
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; known methods: {', '.join(sorted(METHODS))}")
+        if self.protocols is not None and (not self.protocols or any(p not in PROTOCOLS for p in self.protocols)):
+            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
         if "budget" in self.params:
             raise ValueError(f"give budgets with --budgets, not as a parameter of {self.name}")
         self.variants([0.5])  # build once now, so that a bad parameter fails before any work
@@ -164,6 +169,9 @@ class MethodSpec:
     def parse(cls, text: str) -> MethodSpec:
         name, params = parse_spec(text)
         return cls(name, params)
+
+    def runs_under(self, protocol: str) -> bool:
+        return self.protocols is None or protocol == TEACHER_FORCED or protocol in self.protocols
 
     def variants(self, budgets: Iterable[float]) -> list[CompressionMethod]:
         if self.name == FullCache.name:
@@ -206,7 +214,10 @@ class RunSettings:
                 {"task": plan.task.describe(), "lengths": plan.lengths, "samples": plan.samples, "protocols": plan.protocols}
                 for plan in self.plans
             ],
-            "methods": [{"method": spec.name, "params": spec.params} for spec in self.methods],
+            "methods": [
+                {"method": spec.name, "params": spec.params} | ({"protocols": spec.protocols} if spec.protocols else {})
+                for spec in self.methods
+            ],
             "budgets": self.budgets,
             "protocols": self.protocols,
             "seed": self.seed,
@@ -314,8 +325,8 @@ class Runner:
     # -- planning --------------------------------------------------------------------------
     def groups(self, done: set[str]) -> tuple[list[Group], int]:
         """The groups with at least one cell to run, and the number of cells in the plan."""
-        variants = self.settings.variants()
-        labels = [method_label(method) for method in variants]
+        variants = [(spec, method) for spec in self.settings.methods for method in spec.variants(self.settings.budgets)]
+        labels = [method_label(method) for _, method in variants]
         groups, total = [], 0
         for plan in self.settings.plans:
             if plan.is_language_modeling:
@@ -328,7 +339,9 @@ class Runner:
                 for index, sample in enumerate(samples):
                     for protocol in protocols:
                         cells = []
-                        for method, name in zip(variants, labels, strict=True):
+                        for (spec, method), name in zip(variants, labels, strict=True):
+                            if not spec.runs_under(protocol):
+                                continue
                             identity = cell_identity(
                                 self.model_info, task_info, length, index, self.settings.seed, protocol, method.describe()
                             )

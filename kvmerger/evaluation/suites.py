@@ -38,14 +38,32 @@ from kvmerger.evaluation.runner import MethodSpec, RunSettings, TaskPlan
 from kvmerger.methods import METHODS
 
 PAPER_COMPARISON = ("full", "kvmerger", "streaming-llm", "h2o", "cam", "snapkv", "tova", "knorm", "random")
-# KVMerger's best variant at a small budget (docs/BENCHMARKS.md section 9, chosen on seed 1 and other
-# texts than the ones compare reports): the fitted merge, its pivots and protected tokens ranked by
-# SnapKV's window, the window's attention max-pooled over 31 keys (so a needle's whole sentence ranks
-# with its best token), 15% of the budget protected as recent tokens and 80% as top-scored ones;
-# the rest of the prompt is merged into the remaining 5%.
-BEST_VARIANT = (
+# KVMerger's best variants at a small budget (docs/BENCHMARKS.md section 9, chosen on seed 1 and other
+# texts than the ones compare reports), both the fitted merge with a layer's slots shared among its
+# heads (each head merges down to the slots its best tokens won, then is fitted on them):
+# * when the question is in the prompt, its pivots and protected tokens ranked by SnapKV's window, the
+#   window's attention max-pooled over 31 keys (so a needle's whole sentence ranks with its best
+#   token), 15% of the budget protected as recent tokens and 80% as top-scored ones, the rest of the
+#   prompt merged into the remaining 5%;
+# * when the context is compressed before any question, ranked by KVzip's reconstruction of the
+#   context, 5% recent and 90% top-scored.
+# Each runs under its own protocol (and both on language modelling).
+QUERY_AWARE_VARIANT = MethodSpec(
     "fitted-kvmerger",
-    {"score": "window", "recent_share": 0.15, "topk_share": 0.8, "window_kernel": 31, "window_pooling": "max"},
+    {
+        "score": "window",
+        "window_kernel": 31,
+        "window_pooling": "max",
+        "head_budget": "shared",
+        "recent_share": 0.15,
+        "topk_share": 0.8,
+    },
+    protocols=("query-aware",),
+)
+COMPRESS_ONCE_VARIANT = MethodSpec(
+    "fitted-kvmerger",
+    {"score": "reconstruction", "head_budget": "shared", "recent_share": 0.05, "topk_share": 0.9},
+    protocols=("query-agnostic",),
 )
 SCORE_BASELINES = ("kvzip", "expected-attention")
 
@@ -56,9 +74,9 @@ def paper_comparison() -> list[MethodSpec]:
 
 
 def compare_methods() -> list[MethodSpec]:
-    """The paper's comparison, KVMerger's best variant, KVzip and Expected Attention."""
-    extra = [MethodSpec(*BEST_VARIANT)] + [MethodSpec(name) for name in SCORE_BASELINES if name in METHODS]
-    return paper_comparison()[:2] + extra[:1] + paper_comparison()[2:] + extra[1:]
+    """The paper's comparison, KVMerger's best variant for each protocol, KVzip and Expected Attention."""
+    paper, baselines = paper_comparison(), [MethodSpec(name) for name in SCORE_BASELINES if name in METHODS]
+    return paper[:2] + [QUERY_AWARE_VARIANT, COMPRESS_ONCE_VARIANT] + paper[2:] + baselines
 
 
 @dataclass(frozen=True)
