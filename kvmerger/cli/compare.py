@@ -1,9 +1,11 @@
-"""`kvmerger compare`: the main job. The full cache, KVMerger (the paper's and its best variant) and
-the baselines (KVzip and Expected Attention included) at budgets 0.5 and 0.35 on a small, meaningful
-suite (pass key, needle grid, language modelling, query-aware; pass keys compressed once and asked
-one at a time, query-agnostic; see kvmerger/evaluation/suites.py), sized to finish in under 15
-minutes on a 2-core CPU with the default model. `--methods all` adds every other registered method (slower). Prints the results table and writes a results folder (default results/compare/<timestamp>):
-records.jsonl, summary.csv, figures/*.png and report.md. Run again with the same --out to resume.
+"""`kvmerger compare`: the main job. The full cache, KVMerger (the paper's, and its best variant for
+each protocol) and the baselines (KVzip and Expected Attention included) at budgets 0.5 and 0.35 on
+a small, meaningful suite (pass key, needle grid, language modelling, query-aware; pass keys
+compressed once and asked one at a time, query-agnostic; see kvmerger/evaluation/suites.py), sized
+to finish in under 15 minutes on a 2-core CPU with the default model. `--methods all` adds every
+other registered method (slower). Prints the results table and writes a results folder (default
+results/compare/<timestamp>): records.jsonl, summary.csv, figures/*.png and report.md. Run again
+with the same --out to resume.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser = subcommand(
         sub,
         "compare",
-        help="the main job: full cache, KVMerger, its best variant and the baselines at 0.5 and 0.35, both protocols",
+        help="the main job: full cache, KVMerger, its best variants and the baselines at 0.5 and 0.35, both protocols",
         description=__doc__,
     )
     add_model_options(parser)

@@ -1,7 +1,8 @@
 """Named suites: which methods, tasks, lengths and sample counts `kvmerger compare` runs.
 
 `compare` must finish in under 15 minutes on a 2-core CPU with the default model
-(SmolLM2-135M-Instruct). It runs the full cache, KVMerger (the paper's) and its best variant, and the
+(SmolLM2-135M-Instruct). It runs the full cache, KVMerger (the paper's) and its best variant for each
+protocol (each only under its own protocol, and both on language modelling), and the
 baselines of docs/METHOD.md section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-norm, random) plus
 KVzip and Expected Attention, at budgets 0.5 and 0.35, under both protocols. What costs time is one
 prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k on that VM), one pass of
@@ -15,7 +16,8 @@ length, 4 LM windows and 3 compress-once prompts took about 28 minutes. To fit i
 were halved again (tasks, lengths and methods kept; 230 cells in 11 min 36 s on the idle VM,
 2026-12-01, model loading included; the same cells took 15 min 32 s that night, when the VM ran
 the full cache's prefills 17% slower). So one pass-key depth and the 1k needle were dropped too:
-184 cells in 13 min 15 s on 2026-12-02, on a VM as slow as that night's:
+184 cells in 13 min 15 s on 2026-12-02, on a VM as slow as that night's. With a best variant per
+protocol (each under its own protocol only), 188 cells in 13 min 25 s that afternoon:
 
 * passkey: 2 depths at 2,048 tokens (plain completion prompt), query-aware.
 * needle: 2,048 and 4,096 tokens, one needle each at depth 50%, query-aware.
