@@ -24,6 +24,7 @@ import kvpress_side  # noqa: E402
 import measure  # noqa: E402
 import memory  # noqa: E402
 import overhead  # noqa: E402
+import paired_kl  # noqa: E402
 import share_of_full  # noqa: E402
 import estimate_agreement  # noqa: E402
 import statistic_agreement  # noqa: E402
@@ -607,3 +608,36 @@ def test_share_of_full_says_what_is_missing(tmp_path, capsys):
     (tmp_path / "records.jsonl").write_text(json.dumps(_record("full", 0, 1.0)) + "\n")
     assert share_of_full.main([str(tmp_path)]) == 2
     assert "shares samples with the full cache" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# paired_kl.py
+# --------------------------------------------------------------------------------------------
+
+
+def _lm_record(method: str, sample: int, kl: float, budget: float = 0.35) -> dict:
+    return _record(method, sample, 0.9, budget=budget, task="lm", metrics={"kl": kl})
+
+
+def test_paired_kl_differences_window_by_window_against_the_reference(tmp_path, capsys):
+    records = [
+        _lm_record("h2o", 0, 0.10), _lm_record("h2o", 1, 0.30), _lm_record("h2o", 2, 0.20),
+        # window 3 has no h2o row and is left out; the other budget pairs with nothing; QA records are ignored
+        _lm_record("fitted", 0, 0.08), _lm_record("fitted", 1, 0.31), _lm_record("fitted", 2, 0.17),
+        _lm_record("fitted", 3, 9.0), _lm_record("fitted", 0, 0.05, budget=0.5), _record("fitted", 0, 1.0),
+    ]
+    [paired] = paired_kl.paired_kl(records, "h2o")
+    differences = [-0.02, 0.01, -0.03]
+    assert (paired.method, paired.budget, paired.windows, paired.higher) == ("fitted", 0.35, 3, 1)
+    assert paired.kl == pytest.approx(0.56 / 3) and paired.reference_kl == pytest.approx(0.2)
+    assert paired.difference == pytest.approx(sum(differences) / 3)
+    mean = sum(differences) / 3
+    spread = (sum((d - mean) ** 2 for d in differences) / 2) ** 0.5 / 3**0.5
+    assert paired.standard_error == pytest.approx(spread)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "records.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    assert paired_kl.main([str(run), "--reference", "h2o"]) == 0
+    assert "| fitted | 0.35 | 0.1867 | 0.2000 | -0.0133 +- " in capsys.readouterr().out
+    assert paired_kl.main([str(run), "--reference", "snapkv"]) == 2
+    assert "the runs' methods: fitted, h2o" in capsys.readouterr().err
