@@ -10,6 +10,7 @@ cache, not a share of it). Nothing is run; nothing is tuned.
     python benchmarks/share_of_full.py results/my-run results/full-run --budget 0.35
     python benchmarks/share_of_full.py RUN ... --methods "kvzip[head_budget=shared]" --protocol query-agnostic \
         --figure docs/figures/shares.png --title "compressed once, 0.35"
+    python benchmarks/share_of_full.py RUN --budgets 0.5 0.35 0.1   # one bar per method and budget
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 FULL = "full"
@@ -120,25 +121,38 @@ def draw(found: list[Share], path: Path, title: str, goal: float | None) -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="`kvmerger eval` results folders (or records.jsonl files)")
-    parser.add_argument("--budget", type=float, default=0.35)
+    parser.add_argument(
+        "--budget", "--budgets", dest="budgets", type=float, nargs="+", default=[0.35],
+        help="one or more budgets; with several, each method's bars are labelled with their budget",
+    )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
     parser.add_argument("--methods", nargs="+", help="method labels as the records write them, in this order (default: all)")
     parser.add_argument("--figure", type=Path, help="write a bar chart here (PNG)")
     parser.add_argument("--title", default="")
     parser.add_argument("--goal", type=float, help="draw this share as a line (0.95, 0.8)")
     args = parser.parse_args(argv)
+    budgets = ", ".join(f"{budget:g}" for budget in args.budgets)
     try:
-        found = shares(read_records(args.runs), args.budget, args.protocol, args.methods)
+        records = read_records(args.runs)
+        found = [item for budget in args.budgets for item in at_budget(records, budget, args, len(args.budgets) > 1)]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
         print(f"share_of_full: {error}", file=sys.stderr)
         return 2
     if not found:
-        print(f"share_of_full: no method at budget {args.budget} shares samples with the full cache ({args.protocol})", file=sys.stderr)
+        print(f"share_of_full: no method at budget {budgets} shares samples with the full cache ({args.protocol})", file=sys.stderr)
         return 2
     print(markdown(found))
     if args.figure:
-        print(f"figure: {draw(found, args.figure, args.title or f'{args.protocol}, budget {args.budget:g}', args.goal)}")
+        title = args.title or f"{args.protocol}, budget {budgets}"
+        print(f"figure: {draw(found, args.figure, title, args.goal)}")
     return 0
+
+
+def at_budget(records: list[dict], budget: float, args: argparse.Namespace, label_budget: bool) -> list[Share]:
+    found = shares(records, budget, args.protocol, args.methods)
+    if label_budget:
+        found = [replace(item, method=f"{item.method} @{budget:g}") for item in found]
+    return found
 
 
 if __name__ == "__main__":
