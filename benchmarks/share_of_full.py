@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets = ", ".join(f"{budget:g}" for budget in args.budgets)
     try:
         records = read_records(args.runs)
-        found = [item for budget in args.budgets for item in at_budget(records, budget, args, len(args.budgets) > 1)]
+        several = len(args.budgets) > 1
+        found = [
+            item for budget in args.budgets for item in at_budget(records, budget, args.protocol, args.methods, several)
+        ]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
         print(f"share_of_full: {error}", file=sys.stderr)
         return 2
@@ -148,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def at_budget(records: list[dict], budget: float, args: argparse.Namespace, label_budget: bool) -> list[Share]:
-    found = shares(records, budget, args.protocol, args.methods)
+def at_budget(
+    records: list[dict], budget: float, protocol: str, methods: list[str] | None, label_budget: bool
+) -> list[Share]:
+    """`shares` at one budget, each method's label followed by " @budget" if `label_budget`."""
+    found = shares(records, budget, protocol, methods)
     if label_budget:
         found = [replace(item, method=f"{item.method} @{budget:g}") for item in found]
     return found
