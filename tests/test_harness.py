@@ -156,13 +156,17 @@ def test_language_modelling_records_compare_with_the_full_cache(finished):
     assert all(r["scored_tokens"] == 8 for r in lm)
 
 
-def test_cell_keys_are_stable_and_change_with_any_parameter(tiny, tmp_path):
+def planned_groups(tiny, folder: Path, config: RunSettings):
     model, tokenizer = tiny
-    keys = lambda config: {  # noqa: E731
-        cell.key
-        for group in Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
-        for cell in group.cells
-    }
+    return Runner(model, tokenizer, config, folder, model_name="tiny", progress=False).groups(set())[0]
+
+
+def cell_keys(tiny, folder: Path, config: RunSettings) -> set[str]:
+    return {cell.key for group in planned_groups(tiny, folder, config) for cell in group.cells}
+
+
+def test_cell_keys_are_stable_and_change_with_any_parameter(tiny, tmp_path):
+    keys = lambda config: cell_keys(tiny, tmp_path, config)  # noqa: E731
     assert keys(settings()) == keys(settings())
     changed = settings()
     changed.methods = [MethodSpec("full"), MethodSpec("kvmerger", {"size_bias": True})]
@@ -171,11 +175,9 @@ def test_cell_keys_are_stable_and_change_with_any_parameter(tiny, tmp_path):
 
 
 def test_a_method_given_protocols_runs_only_under_them_and_on_language_modelling(tiny, tmp_path):
-    model, tokenizer = tiny
     config = settings()
     config.methods = [MethodSpec("full"), MethodSpec("kvmerger", protocols=("query-agnostic",))]
-    groups = Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
-    labels = {(group.protocol, cell.label) for group in groups for cell in group.cells}
+    labels = {(group.protocol, cell.label) for group in planned_groups(tiny, tmp_path, config) for cell in group.cells}
     assert labels == {
         ("query-aware", "full"),
         ("query-agnostic", "full"),
@@ -184,11 +186,7 @@ def test_a_method_given_protocols_runs_only_under_them_and_on_language_modelling
         ("teacher-forced", "kvmerger"),
     }
     everywhere = settings(methods=("full", "kvmerger"))
-    keys = lambda config: {  # noqa: E731
-        cell.key
-        for group in Runner(model, tokenizer, config, tmp_path, model_name="tiny", progress=False).groups(set())[0]
-        for cell in group.cells
-    }
+    keys = lambda config: cell_keys(tiny, tmp_path, config)  # noqa: E731
     assert keys(config) < keys(everywhere)  # the same cells keep their keys, so runs resume across it
 
 

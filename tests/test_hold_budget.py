@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from kvmerger import FullCache, KVMerger, attach, compress, compress_prefill, record_prefill
 from kvmerger.engine.scoring import new_query_attention
-from kvmerger.methods.base import SlotState, hold_by_accumulated_attention
+from kvmerger.methods.base import SlotState, floor_share, hold_by_accumulated_attention
 from kvmerger.methods.h2o import H2O
-from kvmerger.methods.base import floor_share
 from kvmerger.methods.kvmerger import _fit_protection, adjacent_similarity
 from tests.reference import ambiguous_selection, kvmerger_hold_row
 

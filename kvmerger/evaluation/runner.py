@@ -89,6 +89,13 @@ def method_label(method: CompressionMethod) -> str:
     return _label(method.name, non_default_fields(method, ["budget"]))
 
 
+def check_protocols(protocols: Iterable[str]) -> None:
+    """Refuse an empty or unknown list of question protocols, naming the known ones."""
+    protocols = tuple(protocols)
+    if not protocols or any(protocol not in PROTOCOLS for protocol in protocols):
+        raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {protocols}")
+
+
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     """"kvmerger:mode=paper,sigma=5" -> ("kvmerger", {"mode": "paper", "sigma": 5}) (values as Python literals)."""
     from kvmerger.cli.options import parse_params
@@ -108,8 +115,8 @@ class TaskPlan:
     protocols: tuple[str, ...] | None = None  # None: the run's protocols
 
     def __post_init__(self) -> None:
-        if self.protocols is not None and (not self.protocols or any(p not in PROTOCOLS for p in self.protocols)):
-            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
+        if self.protocols is not None:
+            check_protocols(self.protocols)
         self.lengths = tuple(int(length) for length in self.lengths)
         if not self.lengths or min(self.lengths) < 2:
             raise ValueError(f"context lengths must be at least 2 tokens; got {list(self.lengths)}")
@@ -159,8 +166,8 @@ class MethodSpec:
         self.name = self.name.lower().replace("_", "-")
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; known methods: {', '.join(sorted(METHODS))}")
-        if self.protocols is not None and (not self.protocols or any(p not in PROTOCOLS for p in self.protocols)):
-            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
+        if self.protocols is not None:
+            check_protocols(self.protocols)
         if "budget" in self.params:
             raise ValueError(f"give budgets with --budgets, not as a parameter of {self.name}")
         self.variants([0.5])  # build once now, so that a bad parameter fails before any work
@@ -194,9 +201,7 @@ class RunSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
-        if unknown or not self.protocols:
-            raise ValueError(f"protocols must be some of {', '.join(PROTOCOLS)}; got {self.protocols}")
+        check_protocols(self.protocols)
         for budget in self.budgets:
             if not 0.0 < float(budget) <= 1.0:
                 raise ValueError(f"a budget is the share of the prompt's cache kept, in (0, 1]; got {budget}")
@@ -205,8 +210,12 @@ class RunSettings:
         if not self.plans:
             raise ValueError("no task to evaluate")
 
+    def spec_variants(self) -> list[tuple[MethodSpec, CompressionMethod]]:
+        """Every method at every budget, with the spec it was built from."""
+        return [(spec, method) for spec in self.methods for method in spec.variants(self.budgets)]
+
     def variants(self) -> list[CompressionMethod]:
-        return [method for spec in self.methods for method in spec.variants(self.budgets)]
+        return [method for _, method in self.spec_variants()]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -325,7 +334,7 @@ class Runner:
     # -- planning --------------------------------------------------------------------------
     def groups(self, done: set[str]) -> tuple[list[Group], int]:
         """The groups with at least one cell to run, and the number of cells in the plan."""
-        variants = [(spec, method) for spec in self.settings.methods for method in spec.variants(self.settings.budgets)]
+        variants = self.settings.spec_variants()
         labels = [method_label(method) for _, method in variants]
         groups, total = [], 0
         for plan in self.settings.plans:
