@@ -17,6 +17,8 @@ from kvmerger.evaluation.texts import essays
 from kvmerger.methods.attention_matching import (
     AttentionMatching,
     ReferenceQueries,
+    Targets,
+    fit_report,
     keys_seen_by_every_query,
     fit_slot_values,
     fit_slot_weights,
@@ -199,6 +201,31 @@ def test_values_equal_the_normal_equations_with_the_fitted_attention():
         np.testing.assert_allclose(got[n].numpy(), expected, rtol=2e-3, atol=2e-4)
 
 
+def test_the_fit_report_gives_each_fits_mean_relative_errors_over_the_queries_that_see_a_slot():
+    rng = np.random.default_rng(5)
+    features = rng.random(size=(2, 6, 4))
+    features[1, 0] = 0.0  # a query that sees no slot counts in neither mean
+    mass, outputs = rng.random(size=(2, 6)) + 0.5, rng.normal(size=(2, 6, 3))
+    fits = [(rng.random(size=(2, 4)) + 0.5, rng.normal(size=(2, 4, 3))) for _ in range(2)]
+    visible = np.ones((2, 6), dtype=bool)
+    visible[1, 0] = False
+    targets = Targets(torch.zeros(2, 6), *(torch.tensor(x, dtype=torch.float32) for x in (mass, outputs)), None, torch.tensor(visible))
+    as_tensors = [torch.tensor(x, dtype=torch.float32) for fit in fits for x in fit]
+    report = fit_report(torch.tensor(features, dtype=torch.float32), targets, *as_tensors)
+    for (weights, values), when in zip(fits, ("unfitted", "fitted")):
+        mass_errors, output_errors = [], []
+        for n in range(2):
+            for r in range(6):
+                if not visible[n, r]:
+                    continue
+                got = features[n, r] * weights[n]
+                mass_errors.append(abs(got.sum() - mass[n, r]) / mass[n, r])
+                out = (got / got.sum()) @ values[n]
+                output_errors.append(np.linalg.norm(out - outputs[n, r]) / np.linalg.norm(outputs[n, r]))
+        assert report[f"mass_error_{when}"] == pytest.approx(np.mean(mass_errors), rel=1e-5)
+        assert report[f"output_error_{when}"] == pytest.approx(np.mean(output_errors), rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # The methods against their row references
 # --------------------------------------------------------------------------------------------
@@ -230,10 +257,11 @@ def test_attention_matching_equals_its_reference(seed, causal, budget):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("slot_keys", ["merged", "pivot"])
-def test_fitted_kvmerger_equals_its_reference(seed, causal, slot_keys):
+@pytest.mark.parametrize("fit_slots", ["all", "merged", "merged-values"])
+def test_fitted_kvmerger_equals_its_reference(seed, causal, slot_keys, fit_slots):
     method = FittedKVMerger(
         budget=0.4, recent_ratio=0.1, topk_ratio=0.1, slot_keys=slot_keys, reference_queries=8, recent_queries=2,
-        causal=causal, seed=seed, **EXACT_STEPS,
+        causal=causal, seed=seed, fit_slots=fit_slots, **EXACT_STEPS,
     )
     layer = random_layer(seed, method, length=14)
     out = method.compress(layer)
@@ -245,6 +273,7 @@ def test_fitted_kvmerger_equals_its_reference(seed, causal, slot_keys):
             layer.keys[0, n].numpy(), layer.values[0, n].numpy(), attention[0, n].numpy(), queries[n], positions,
             slots=layer.slots, n_recent=sets.n_recent, n_topk=sets.n_topk, sigma=None, slot_keys=slot_keys,
             causal=causal, bias_range=method.bias_range, bias_ridge=method.bias_ridge, ridge=method.ridge,
+            fit_slots=fit_slots,
         )
         assert out.positions[0, n].tolist() == expected["pivots"]
         assert out.set_sizes[0, n].tolist() == expected["sizes"]

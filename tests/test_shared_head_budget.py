@@ -13,7 +13,8 @@ import torch
 from kvmerger import compress, compress_prefill, record_prefill
 from kvmerger.engine.hf import CompressedCache, CompressedLayer
 from kvmerger.engine.session import attach, compress_layer
-from kvmerger.methods.attention_matching import fit_slot_values, fit_slot_weights
+from kvmerger.methods.attention_matching import Targets, fit_slot_values, fit_slot_weights
+from kvmerger.methods.fitted_kvmerger import leading_columns
 from kvmerger.methods.base import LayerInput, get_method, keep_by_score_shared, slots_for_budget
 from tests.conftest import CharTokenizer, build_tiny, standalone_scores
 
@@ -406,3 +407,42 @@ def test_a_row_with_padding_slots_is_fitted_as_that_row_alone(seed):
         assert bool((together[row, n:] == 0).all())
         alone_values = fit_slot_values(f, alone, outputs[row : row + 1], prior_values[row : row + 1, :n], 0.1)
         torch.testing.assert_close(values[row, :n], alone_values[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("fit_slots", ["merged", "merged-values"])
+def test_fitting_only_the_merged_sets_fits_each_padded_row_as_that_row_alone(seed, fit_slots):
+    """fit_slots="merged" gathers each row's merged columns first and pads the rest: a row's merged sets
+    get the weights and values of that row fitted alone; its single tokens and padding keep their prior
+    values (and, with "merged", their prior weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, count, width, dim = 3, 10, 9, 4
+    real = torch.tensor([9, 6, 3])
+    padding = torch.arange(width) >= real.view(-1, 1)
+    sizes = torch.randint(1, 4, (rows, width), generator=generator).masked_fill(padding, 0)
+    sizes[2, :3] = 1  # a row with no merged set at all
+    features = (torch.rand(rows, count, width, generator=generator) + 0.05).masked_fill(padding.unsqueeze(1), 0.0)
+    targets = Targets(
+        shift=torch.zeros(rows, count), mass=torch.rand(rows, count, generator=generator) * width + 1.0,
+        outputs=torch.randn(rows, count, dim, generator=generator), attention_rms=None,
+        visible=torch.ones(rows, count, dtype=torch.bool),
+    )
+    prior_values = torch.randn(rows, width, dim, generator=generator).masked_fill(padding.unsqueeze(-1), 0.0)
+    method = get_method("fitted-kvmerger", fit_slots=fit_slots)
+    weights, values = method.fit(features, targets, sizes.float(), prior_values, sizes, real)
+    fitted_any = False
+    for row in range(rows):
+        n = int(real[row])
+        one = slice(row, row + 1)
+        row_targets = Targets(targets.shift[one], targets.mass[one], targets.outputs[one], None, targets.visible[one])
+        row_sizes = sizes[one, :n]
+        w, v = method.fit(features[one, :, :n], row_targets, row_sizes.float(), prior_values[one, :n], row_sizes, real[one])
+        torch.testing.assert_close(weights[row, :n], w[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(values[row, :n], v[0], atol=1e-4, rtol=1e-4)
+        single = sizes[row] <= 1
+        assert torch.equal(values[row][single], prior_values[row][single])
+        if fit_slots == "merged":
+            assert torch.equal(weights[row][single], sizes[row][single].float())
+        fitted_any |= not torch.equal(weights[row][~single], sizes[row][~single].float())
+    assert fitted_any
+    assert torch.equal(leading_columns(sizes > 1, 2)[1], (torch.arange(2) < (sizes > 1).sum(1, keepdim=True)))

@@ -395,20 +395,28 @@ def fit_report(
     features: torch.Tensor, targets: Targets, prior_weights: torch.Tensor, prior_values: torch.Tensor,
     weights: torch.Tensor, values: torch.Tensor,
 ) -> dict[str, float]:
-    """Mean relative errors of mass and outputs on the reference queries, before and after fitting."""
+    """Mean relative errors of mass and outputs on the reference queries, before and after fitting.
 
-    def errors(w: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
-        seen = targets.visible
-        weighted = features * w.unsqueeze(1)
-        mass = weighted.sum(dim=-1)
+    One product with the features gives both fits' masses (sum_s f_rs w_s) and weighted value sums
+    (sum_s f_rs w_s v_s), so the report reads the [N, R, S] features once."""
+    dv = values.shape[-1]
+    per_slot = torch.cat(
+        [prior_weights.unsqueeze(-1), prior_weights.unsqueeze(-1) * prior_values, weights.unsqueeze(-1), weights.unsqueeze(-1) * values],
+        dim=-1,
+    )
+    sums = features @ per_slot  # [N, R, 2 + 2 dv]
+    seen = targets.visible
+    scale = targets.outputs.norm(dim=-1).clamp_min(1e-12)
+
+    def errors(first: int) -> tuple[float, float]:
+        mass = sums[..., first]
         mass_error = ((mass - targets.mass).abs() / targets.mass.clamp_min(1e-30))[seen]
-        out = (weighted @ v) / mass.clamp_min(1e-30).unsqueeze(-1)  # slot_attention(features, w) @ v
-        scale = targets.outputs.norm(dim=-1).clamp_min(1e-12)
+        out = sums[..., first + 1 : first + 1 + dv] / mass.clamp_min(1e-30).unsqueeze(-1)  # slot_attention @ v
         output_error = ((out - targets.outputs).norm(dim=-1) / scale)[seen]
         return float(mass_error.mean()), float(output_error.mean())
 
-    before = errors(prior_weights, prior_values)
-    after = errors(weights, values)
+    before = errors(0)
+    after = errors(1 + dv)
     return {
         "mass_error_unfitted": before[0],
         "mass_error_fitted": after[0],

@@ -67,6 +67,14 @@ the defaults give 0.0028 / 0.0079 / 0.0382 (H2O 0.0049 / 0.0123 / 0.0626, SnapKV
   slots in the ridge, which gives each head the fit it would get alone (tested), and the slots,
   values and biases are stored packed (one bias and one KV-head tag per slot, both paid from the
   budget). ``head_floor=1`` is the equal budget's fit exactly (tested).
+* ``fit_slots="all"`` (default): both fits solve for every slot. ``"merged"`` solves only for the
+  merged sets (size > 1): every single token keeps its own key, value and bias 0, its part of each
+  query's mass and output moves to the targets' side, and the normal systems shrink to the merged
+  columns; ``"merged-values"`` fits every bias but only the merged sets' values. Both raised the LM KL
+  on the tuning seed (seed 1, 4 windows of 2048 tokens, 2026-12-02; paired against "all" at 0.5 /
+  0.35 / 0.1: "merged" +0.0031 / +0.0049 / +0.0166, "merged-values" +0.0027 / +0.0069 / +0.0309, each
+  2-4 paired standard errors, higher on 4 of 4 windows): fitting the single tokens too is what absorbs
+  the merged sets' errors, so "all" stays.
 * Numerics as in attention_matching: float32, per-query log-sum-exp shifts, values in units of the
   row's largest |value|, outputs cast back clamped to the dtype's finite range; batched over rows.
 """
@@ -84,8 +92,11 @@ from kvmerger.methods.attention_matching import (
     check_reference,
     fit_report,
     fit_slot_values,
+    Targets,
     fit_slot_weights,
     full_cache_targets,
+    ridge_correction,
+    slot_attention,
     reference_queries,
     slot_features,
     validate_fit_fields,
@@ -94,8 +105,66 @@ from kvmerger.methods.base import CompressionMethod, LayerInput, LayerOutput, fi
 from kvmerger.methods.kvmerger import KVMerger, gaussian_merge
 
 KEY_CHOICES = ("merged", "pivot")
+FIT_CHOICES = ("all", "merged", "merged-values")  # which slots each fit solves for
 RECENT_SHARE = 0.5  # of the budget, kept as a recent window by default
 TOPK_SHARE = 0.2  # of the budget, kept as heavy hitters by default
+
+
+def leading_columns(chosen: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] indices of each row's chosen columns first (in order), then others as padding, and
+    [N, width] bool marking the chosen ones; a permutation's prefix, so no index repeats in a row."""
+    order = torch.sort(chosen.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+    return order, torch.arange(width, device=chosen.device) < chosen.sum(dim=1, keepdim=True)
+
+
+def weight_box(prior: torch.Tensor, bias_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's weight stays within a factor e^bias_range of its set's size."""
+    return prior * math.exp(-bias_range), prior * math.exp(bias_range)
+
+
+def gather_columns(design: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N, R, width]: `design` [N, R, S] at each row's `columns`, zero where not `valid`."""
+    return design.gather(2, columns.unsqueeze(1).expand(-1, design.shape[1], -1)) * valid.unsqueeze(1)
+
+
+def fit_merged_weights(
+    features: torch.Tensor, mass: torch.Tensor, prior: torch.Tensor, merged: torch.Tensor, bias_range: float,
+    ridge: float, steps: int,
+) -> torch.Tensor:
+    """The weight fit of `fit_slot_weights` (relative) with every slot outside `merged` pinned at its prior:
+    their mass is exact and moves to the target's side, and only the merged columns are solved (each
+    row's ridge from its own merged columns)."""
+    count = merged.sum(dim=1)
+    width = int(count.max())
+    if width == 0:
+        return prior
+    columns, valid = leading_columns(merged, width)
+    scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
+    pinned_mass = (features @ (prior * ~merged).unsqueeze(-1)).squeeze(-1)
+    at_columns = prior.gather(1, columns)
+    sub_prior = at_columns * valid
+    solved = fit_slot_weights(
+        gather_columns(features, columns, valid) * scale.unsqueeze(-1), (mass - pinned_mass) * scale, sub_prior,
+        *weight_box(sub_prior, bias_range), ridge, steps, relative=False, columns=count,
+    )
+    return prior.scatter(1, columns, torch.where(valid, solved, at_columns))
+
+
+def fit_merged_values(
+    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, merged: torch.Tensor,
+    ridge: float,
+) -> torch.Tensor:
+    """`fit_slot_values` with every slot outside `merged` keeping its prior value: the ridge correction is
+    solved on the merged columns of the fitted attention only."""
+    count = merged.sum(dim=1)
+    width = int(count.max())
+    if width == 0:
+        return prior
+    columns, valid = leading_columns(merged, width)
+    attention = slot_attention(features, weights)
+    residual = outputs - attention @ prior
+    correction = ridge_correction(gather_columns(attention, columns, valid), residual, ridge, count)
+    return prior.scatter_add(1, columns.unsqueeze(-1).expand_as(correction), correction * valid.unsqueeze(-1))
 
 
 @dataclass
@@ -132,6 +201,7 @@ class FittedKVMerger(CompressionMethod):
     score_pooling: str = "max"
     head_budget: str = "equal"
     head_floor: float = 0.0
+    fit_slots: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +211,8 @@ class FittedKVMerger(CompressionMethod):
         self.merger()  # validates KVMerger's knobs
         validate_fit_fields(self)
         check_reference(self.reference)
+        if self.fit_slots not in FIT_CHOICES:
+            raise ValueError(f"fit_slots must be one of {FIT_CHOICES}, got {self.fit_slots!r}")
         if self.slot_keys not in KEY_CHOICES:
             raise ValueError(f"slot_keys must be one of {KEY_CHOICES}, got {self.slot_keys!r}")
         if not isinstance(self.bias_range, (int, float)) or not 0 < self.bias_range <= 80:
@@ -171,6 +243,27 @@ class FittedKVMerger(CompressionMethod):
 
     def needs_reconstruction(self) -> bool:
         return "reconstruction" in self.score.split("+") or self.reference == "reconstruction"
+
+    def fit(
+        self, features: torch.Tensor, targets: Targets, prior: torch.Tensor, prior_values: torch.Tensor,
+        sizes: torch.Tensor, count: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots' weights, then their values, each fitted on the columns `fit_slots` names: every
+        slot (`count` real ones per row), or only the merged sets (size > 1), every single token then
+        keeping its own value (both fits) and weight 1 ("merged")."""
+        merged = sizes > 1
+        if self.fit_slots == "merged":
+            weights = fit_merged_weights(
+                features, targets.mass, prior, merged, self.bias_range, self.bias_ridge, self.nnls_steps
+            )
+        else:
+            weights = fit_slot_weights(
+                features, targets.mass, prior, *weight_box(prior, self.bias_range), self.bias_ridge,
+                self.nnls_steps, relative=True, columns=count,
+            )
+        if self.fit_slots == "all":
+            return weights, fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge, columns=count)
+        return weights, fit_merged_values(features, weights, targets.outputs, prior_values, merged, self.ridge)
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
@@ -203,12 +296,8 @@ class FittedKVMerger(CompressionMethod):
             features.masked_fill_(~real.unsqueeze(1), 0.0)
 
         prior = sizes.float()  # 0 on padding, whose box is then [0, 0]
-        weights = fit_slot_weights(
-            features, targets.mass, prior, prior * math.exp(-self.bias_range), prior * math.exp(self.bias_range),
-            self.bias_ridge, self.nnls_steps, relative=True, columns=sets.count,
-        )
         prior_values = merged_values.float() / scale
-        fitted = fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge, columns=sets.count)
+        weights, fitted = self.fit(features, targets, prior, prior_values, sizes, sets.count)
         notes = fit_report(features, targets, prior, prior_values, weights, fitted)
         notes.update(sets.protection_notes(), reference_queries=int(ref.queries.shape[1]))
         if shared:
