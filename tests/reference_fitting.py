@@ -100,82 +100,41 @@ def fit_row(
     bias_ridge: float,
     ridge: float,
     relative: bool,
+    fit_slots: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact box-constrained weights, then ridge values, for one row."""
-    design, target = features.copy(), targets["mass"].copy()
-    if relative:
-        for r in range(len(target)):
-            scale = 1.0 / target[r] if target[r] > 0 else 0.0
-            design[r] *= scale
-            target[r] *= scale
-    weights = box_least_squares(design, target, prior_weights, ridge_lambda(design, bias_ridge), lower, upper)
-    attention = np.zeros_like(features)
-    for r in range(len(features)):
-        total = float((features[r] * weights).sum())
-        if total > 0:
-            attention[r] = features[r] * weights / total
-    values = ridge_least_squares(attention, targets["outputs"], prior_values, ridge_lambda(attention, ridge))
-    return weights, values
+    """Exact box-constrained weights, then ridge values, for one row.
 
-
-def merged_sets_fit_row(
-    features: np.ndarray,
-    targets: dict,
-    prior_weights: np.ndarray,
-    prior_values: np.ndarray,
-    lower: np.ndarray,
-    upper: np.ndarray,
-    *,
-    bias_ridge: float,
-    ridge: float,
-    relative: bool,
-    pin_weights: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """fit_row with the values fitted on the merged sets' columns only (prior weight > 1), and with
-    `pin_weights` the weights too: every single token keeps its value (and weight 1), and its part of
-    each query's output (and mass) is taken off the targets."""
-    fitted = [s for s in range(len(prior_weights)) if prior_weights[s] > 1]
-    singles = [s for s in range(len(prior_weights)) if prior_weights[s] <= 1]
-    if not pin_weights:
-        weights, _ = fit_row(
-            features, targets, prior_weights, prior_values, lower, upper, bias_ridge=bias_ridge, ridge=ridge,
-            relative=relative,
-        )
-    else:
-        weights = prior_weights.copy()
-    values = prior_values.copy()
-    if not fitted:
-        return weights, values
-    if not pin_weights:
-        return weights, merged_values_row(features, weights, targets["outputs"], prior_values, fitted, singles, ridge)
+    `fit_slots`: "all" solves for every slot; "merged" only for the merged sets (prior weight > 1),
+    every other slot keeping its weight and value, its part of each query's mass and output taken off
+    the targets; "merged-values" solves for every weight but only the merged sets' values."""
+    fitted = [s for s in range(len(prior_weights)) if fit_slots == "all" or prior_weights[s] > 1]
+    pinned = [s for s in range(len(prior_weights)) if s not in fitted]
+    weight_columns = fitted if fit_slots == "merged" else list(range(len(prior_weights)))
     design, target = features.copy(), targets["mass"].copy()
     for r in range(len(target)):
-        target[r] -= sum(features[r, s] * prior_weights[s] for s in singles)
-        scale = 1.0 / targets["mass"][r] if relative and targets["mass"][r] > 0 else 1.0
-        design[r] *= scale
-        target[r] *= scale
-    sub = design[:, fitted]
-    weights[fitted] = box_least_squares(
-        sub, target, prior_weights[fitted], ridge_lambda(sub, bias_ridge), lower[fitted], upper[fitted]
-    )
-    return weights, merged_values_row(features, weights, targets["outputs"], prior_values, fitted, singles, ridge)
-
-
-def merged_values_row(
-    features: np.ndarray, weights: np.ndarray, outputs: np.ndarray, prior_values: np.ndarray, fitted: list[int],
-    singles: list[int], ridge: float,
-) -> np.ndarray:
-    """Ridge values for the `fitted` columns of the fitted attention; the `singles` keep their values."""
+        if fit_slots == "merged":
+            target[r] -= sum(features[r, s] * prior_weights[s] for s in pinned)
+        if relative:
+            scale = 1.0 / targets["mass"][r] if targets["mass"][r] > 0 else 0.0
+            design[r] *= scale
+            target[r] *= scale
+    weights, values = prior_weights.copy(), prior_values.copy()
+    if weight_columns:
+        sub = design[:, weight_columns]
+        weights[weight_columns] = box_least_squares(
+            sub, target, prior_weights[weight_columns], ridge_lambda(sub, bias_ridge), lower[weight_columns],
+            upper[weight_columns],
+        )
     attention = np.zeros_like(features)
     for r in range(len(features)):
         total = float((features[r] * weights).sum())
         if total > 0:
             attention[r] = features[r] * weights / total
-    values = prior_values.copy()
-    rest = outputs - attention[:, singles] @ prior_values[singles]
-    sub = attention[:, fitted]
-    values[fitted] = ridge_least_squares(sub, rest, prior_values[fitted], ridge_lambda(sub, ridge))
-    return values
+    if fitted:
+        rest = targets["outputs"] - attention[:, pinned] @ prior_values[pinned]
+        sub = attention[:, fitted]
+        values[fitted] = ridge_least_squares(sub, rest, prior_values[fitted], ridge_lambda(sub, ridge))
+    return weights, values
 
 
 def attention_matching_row(
@@ -224,8 +183,8 @@ def fitted_kvmerger_row(
     ridge: float,
     fit_slots: str = "all",
 ) -> dict:
-    """KVMerger's sets (tests.reference.kvmerger_row), then the exact fit, for one row; with
-    `fit_slots="merged"` only the merged sets' columns are fitted (merged_sets_fit_row)."""
+    """KVMerger's sets (tests.reference.kvmerger_row), then the exact fit (`fit_row`, with `fit_slots`),
+    for one row."""
     merged = kvmerger_row(
         keys, values, attention, slots=slots, mode="exact", eps=0.75, n_recent=n_recent, n_topk=n_topk,
         sigma=sigma, scale_values=False,
@@ -246,11 +205,9 @@ def fitted_kvmerger_row(
     targets = targets_row(queries, positions, keys, values / scale, token_from if causal else None)
     features = features_row(queries, positions, slot_keys_array, targets["shift"], set_end if causal else None)
     sizes = np.array(merged["sizes"], dtype=np.float64)
-    fit = fit_row if fit_slots == "all" else merged_sets_fit_row
-    extra = {} if fit_slots == "all" else {"pin_weights": fit_slots == "merged"}
-    weights, fitted = fit(
+    weights, fitted = fit_row(
         features, targets, sizes, merged["values"] / scale, sizes * math.exp(-bias_range), sizes * math.exp(bias_range),
-        bias_ridge=bias_ridge, ridge=ridge, relative=True, **extra,
+        bias_ridge=bias_ridge, ridge=ridge, relative=True, fit_slots=fit_slots,
     )
     return {
         "keys": slot_keys_array,
