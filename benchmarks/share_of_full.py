@@ -10,7 +10,7 @@ cache, not a share of it). Nothing is run; nothing is tuned.
     python benchmarks/share_of_full.py results/my-run results/full-run --budget 0.35
     python benchmarks/share_of_full.py RUN ... --methods "kvzip[head_budget=shared]" --protocol query-agnostic \
         --figure docs/figures/shares.png --title "compressed once, 0.35"
-    python benchmarks/share_of_full.py RUN --budgets 0.5 0.35 0.1   # one bar per method and budget
+    python benchmarks/share_of_full.py RUN --budgets 0.5 0.35 0.1   # a panel per budget (one method: a bar per budget)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 FULL = "full"
@@ -35,6 +35,7 @@ class Share:
     score: float
     full: float
     samples: int
+    budget: float
 
 
 def read_records(folders: list[Path]) -> list[dict]:
@@ -72,22 +73,32 @@ def shares(records: list[dict], budget: float, protocol: str, methods: list[str]
             continue
         score = statistics.fmean(mine[s] for s in common)
         reference = statistics.fmean(full[s] for s in common)
-        found.append(Share(task, method, score / reference if reference else None, score, reference, len(common)))
+        found.append(Share(task, method, score / reference if reference else None, score, reference, len(common), budget))
     if methods:
         order = {method: index for index, method in enumerate(methods)}
         found.sort(key=lambda item: (item.task, order[item.method]))
     return found
 
 
+def label(item: Share, several_budgets: bool) -> str:
+    return f"{item.method} @{item.budget:g}" if several_budgets else item.method
+
+
 def markdown(found: list[Share]) -> str:
+    several = len({item.budget for item in found}) > 1
     lines = ["| task | method | share of full | score | full | samples |", "|---|---|---|---|---|---|"]
     for item in found:
         share = "-" if item.share is None else f"{item.share:.0%}"
-        lines.append(f"| {item.task} | {item.method} | {share} | {item.score:.2f} | {item.full:.2f} | {item.samples} |")
+        lines.append(
+            f"| {item.task} | {label(item, several)} | {share} | {item.score:.2f} | {item.full:.2f} | {item.samples} |"
+        )
     return "\n".join(lines)
 
 
 def draw(found: list[Share], path: Path, title: str, goal: float | None) -> Path:
+    """Tasks along x. Several methods at several budgets: one panel per budget (side by side, the same y
+    axis), one bar per method in the same colour in every panel. Otherwise one panel, one bar per
+    method or, for one method at several budgets, per budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,23 +106,45 @@ def draw(found: list[Share], path: Path, title: str, goal: float | None) -> Path
 
     tasks = list(dict.fromkeys(item.task for item in found))
     methods = list(dict.fromkeys(item.method for item in found))
-    width = 0.8 / len(methods)
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(tasks) + 2), 3.6 + 0.16 * (len(methods) + 1)))
-    for index, method in enumerate(methods):
-        xs, heights = [], []
-        for position, task in enumerate(tasks):
-            match = [item for item in found if item.task == task and item.method == method and item.share is not None]
-            if match:
-                xs.append(position - 0.4 + width * (index + 0.5))
-                heights.append(100 * match[0].share)
-        axes.bar(xs, heights, width, label=method)
-    if goal is not None:
-        axes.axhline(100 * goal, color="black", linestyle="--", linewidth=1, label=f"goal {goal:.0%}")
-    axes.set_xticks(range(len(tasks)), [task.replace("[", "\n[") for task in tasks], fontsize=7)
-    axes.set_ylabel("score, % of the full cache's (same samples)")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)  # below the tasks' names
-    figure.tight_layout()
+    budgets = list(dict.fromkeys(item.budget for item in found))
+    if len(methods) > 1:
+        panels = budgets if len(budgets) > 1 else [None]
+        series = [(method, method, None) for method in methods]  # (legend label, method, budget: the panel's)
+    else:
+        panels = [None]
+        series = [(f"{methods[0]} @{budget:g}", methods[0], budget) for budget in budgets]
+    colours = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+    width = 0.8 / len(series)
+    panel_width = max(4.0, 1.4 * len(tasks) + 1)
+    legend_height = 0.16 * (len(series) + 2)  # inches: a line per bar series and the goal, below the panels
+    height = 3.6 + legend_height
+    figure, axes_row = plt.subplots(
+        1, len(panels), sharey=True, squeeze=False, figsize=(panel_width * len(panels) + 1, height)
+    )
+    for axes, panel in zip(axes_row[0], panels):
+        for index, (name, method, budget) in enumerate(series):
+            wanted = panel if budget is None else budget
+            xs, heights = [], []
+            for position, task in enumerate(tasks):
+                match = [
+                    item for item in found
+                    if (item.task, item.method) == (task, method) and item.share is not None
+                    and (wanted is None or item.budget == wanted)
+                ]
+                if match:
+                    xs.append(position - 0.4 + width * (index + 0.5))
+                    heights.append(100 * match[0].share)
+            axes.bar(xs, heights, width, label=name, color=colours[index % len(colours)])
+        if goal is not None:
+            axes.axhline(100 * goal, color="black", linestyle="--", linewidth=1, label=f"goal {goal:.0%}")
+        axes.set_xticks(range(len(tasks)), [task.replace("[", "\n[").replace(",", ",\n") for task in tasks], fontsize=7)
+        if panel is not None:
+            axes.set_title(f"budget {panel:g}", fontsize=8)
+    axes_row[0][0].set_ylabel("score, % of the full cache's (same samples)")
+    figure.suptitle(title, fontsize=9)
+    handles, labels = axes_row[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=6, loc="lower center", frameon=False)
+    figure.tight_layout(rect=(0, legend_height / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -123,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="`kvmerger eval` results folders (or records.jsonl files)")
     parser.add_argument(
         "--budget", "--budgets", dest="budgets", type=float, nargs="+", default=[0.35],
-        help="one or more budgets; with several, each method's bars are labelled with their budget",
+        help="one or more budgets; with several, the table labels each row with its budget and the figure has one panel per budget (one method: one bar per budget)",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
     parser.add_argument("--methods", nargs="+", help="method labels as the records write them, in this order (default: all)")
@@ -134,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = ", ".join(f"{budget:g}" for budget in args.budgets)
     try:
         records = read_records(args.runs)
-        several = len(args.budgets) > 1
-        found = [
-            item for budget in args.budgets for item in at_budget(records, budget, args.protocol, args.methods, several)
-        ]
+        found = [item for budget in args.budgets for item in shares(records, budget, args.protocol, args.methods)]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
         print(f"share_of_full: {error}", file=sys.stderr)
         return 2
@@ -149,16 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         title = args.title or f"{args.protocol}, budget {budgets}"
         print(f"figure: {draw(found, args.figure, title, args.goal)}")
     return 0
-
-
-def at_budget(
-    records: list[dict], budget: float, protocol: str, methods: list[str] | None, label_budget: bool
-) -> list[Share]:
-    """`shares` at one budget, each method's label followed by " @budget" if `label_budget`."""
-    found = shares(records, budget, protocol, methods)
-    if label_budget:
-        found = [replace(item, method=f"{item.method} @{budget:g}") for item in found]
-    return found
 
 
 if __name__ == "__main__":

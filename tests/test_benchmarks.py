@@ -607,9 +607,11 @@ def test_share_of_full_labels_each_budget_when_given_several(tmp_path, capsys):
     run.mkdir()
     records = [_record("full", 0, 1.0), _record("h2o", 0, 0.5), _record("h2o", 0, 1.0, budget=0.5)]
     (run / "records.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
-    assert share_of_full.main([str(run), "--budgets", "0.5", "0.35"]) == 0
+    figure = tmp_path / "panels.png"
+    assert share_of_full.main([str(run), "--budgets", "0.5", "0.35", "--figure", str(figure)]) == 0
     table = capsys.readouterr().out
     assert "| passkey @2048 | h2o @0.5 | 100% |" in table and "| passkey @2048 | h2o @0.35 | 50% |" in table
+    assert figure.stat().st_size > 0
 
 
 def test_share_of_full_says_what_is_missing(tmp_path, capsys):
