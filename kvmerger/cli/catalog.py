@@ -115,6 +115,7 @@ CATALOG: tuple[MethodEntry, ...] = (
             Parameter("score_pooling", "str", "max", "pooling of the other score sources: avg or max"),
             HEAD_BUDGET,
             HEAD_FLOOR,
+            Parameter("fit_slots", "str", "all", "slots the fits solve for: all, merged (single tokens kept as they are) or merged-values"),
         ),
     ),
     MethodEntry("full", "Full cache: no compression (the reference)", (_budget(1.0),)),
