@@ -400,10 +400,8 @@ def fit_report(
     One product with the features gives both fits' masses (sum_s f_rs w_s) and weighted value sums
     (sum_s f_rs w_s v_s), so the report reads the [N, R, S] features once."""
     dv = values.shape[-1]
-    per_slot = torch.cat(
-        [prior_weights.unsqueeze(-1), prior_weights.unsqueeze(-1) * prior_values, weights.unsqueeze(-1), weights.unsqueeze(-1) * values],
-        dim=-1,
-    )
+    unfitted, fitted = prior_weights.unsqueeze(-1), weights.unsqueeze(-1)
+    per_slot = torch.cat([unfitted, unfitted * prior_values, fitted, fitted * values], dim=-1)
     sums = features @ per_slot  # [N, R, 2 + 2 dv]
     seen = targets.visible
     scale = targets.outputs.norm(dim=-1).clamp_min(1e-12)

@@ -89,15 +89,15 @@ import torch
 
 from kvmerger.engine.scoring import POOL_KERNEL, POOLING
 from kvmerger.methods.attention_matching import (
+    Targets,
     check_reference,
     fit_report,
     fit_slot_values,
-    Targets,
     fit_slot_weights,
     full_cache_targets,
+    reference_queries,
     ridge_correction,
     slot_attention,
-    reference_queries,
     slot_features,
     validate_fit_fields,
 )
