@@ -317,6 +317,11 @@ def _positive_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: torch.Tensor) ->
     return torch.linalg.lstsq(gram + boost * lam * eye, rhs).solution
 
 
+def relative_scale(mass: torch.Tensor) -> torch.Tensor:
+    """1 / mass where the mass is positive, else 0: each query's equation divided by its target mass."""
+    return torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
+
+
 def fit_slot_weights(
     features: torch.Tensor,
     mass: torch.Tensor,
@@ -340,7 +345,7 @@ def fit_slot_weights(
     """
     design, target = features, mass
     if relative:
-        scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
+        scale = relative_scale(mass)
         design, target = features * scale.unsqueeze(-1), mass * scale
     slots = design.shape[-1] if columns is None else columns.clamp_min(1).to(design.dtype)
     lam = max(ridge, RIDGE_FLOOR) * torch.linalg.vector_norm(design, dim=(1, 2)).square() / slots

@@ -96,6 +96,7 @@ from kvmerger.methods.attention_matching import (
     fit_slot_weights,
     full_cache_targets,
     reference_queries,
+    relative_scale,
     ridge_correction,
     slot_attention,
     slot_features,
@@ -117,54 +118,65 @@ def leading_columns(chosen: torch.Tensor, width: int) -> tuple[torch.Tensor, tor
     return order, torch.arange(width, device=chosen.device) < chosen.sum(dim=1, keepdim=True)
 
 
+@dataclass
+class MergedColumns:
+    """Each row's merged sets (size > 1) as leading columns: what `fit_slots="merged"` solves for."""
+
+    merged: torch.Tensor  # [N, S] bool
+    columns: torch.Tensor  # [N, width] slot indices, the merged ones first
+    valid: torch.Tensor  # [N, width] bool: a merged set, not padding
+    count: torch.Tensor  # [N] merged sets per row
+
+    @classmethod
+    def of(cls, sizes: torch.Tensor) -> MergedColumns:
+        merged = sizes > 1
+        count = merged.sum(dim=1)
+        columns, valid = leading_columns(merged, int(count.max()))
+        return cls(merged, columns, valid, count)
+
+    def gather(self, design: torch.Tensor) -> torch.Tensor:
+        """[N, R, width]: `design` [N, R, S] at each row's merged columns, zero on padding."""
+        return design.gather(2, self.columns.unsqueeze(1).expand(-1, design.shape[1], -1)) * self.valid.unsqueeze(1)
+
+
 def weight_box(prior: torch.Tensor, bias_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slot's weight stays within a factor e^bias_range of its set's size."""
     return prior * math.exp(-bias_range), prior * math.exp(bias_range)
 
 
-def gather_columns(design: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[N, R, width]: `design` [N, R, S] at each row's `columns`, zero where not `valid`."""
-    return design.gather(2, columns.unsqueeze(1).expand(-1, design.shape[1], -1)) * valid.unsqueeze(1)
-
-
 def fit_merged_weights(
-    features: torch.Tensor, mass: torch.Tensor, prior: torch.Tensor, merged: torch.Tensor, bias_range: float,
+    features: torch.Tensor, mass: torch.Tensor, prior: torch.Tensor, sets: MergedColumns, bias_range: float,
     ridge: float, steps: int,
 ) -> torch.Tensor:
-    """The weight fit of `fit_slot_weights` (relative) with every slot outside `merged` pinned at its prior:
-    their mass is exact and moves to the target's side, and only the merged columns are solved (each
-    row's ridge from its own merged columns)."""
-    count = merged.sum(dim=1)
-    width = int(count.max())
-    if width == 0:
+    """The weight fit of `fit_slot_weights` (relative) with every slot outside the merged sets pinned at
+    its prior: their mass is exact and moves to the target's side, and only the merged columns are
+    solved (each row's ridge from its own merged columns)."""
+    if sets.columns.shape[1] == 0:
         return prior
-    columns, valid = leading_columns(merged, width)
-    scale = torch.where(mass > 0, 1.0 / mass.clamp_min(1e-30), torch.zeros_like(mass))
-    pinned_mass = (features @ (prior * ~merged).unsqueeze(-1)).squeeze(-1)
-    at_columns = prior.gather(1, columns)
-    sub_prior = at_columns * valid
+    scale = relative_scale(mass)
+    pinned_mass = (features @ (prior * ~sets.merged).unsqueeze(-1)).squeeze(-1)
+    at_columns = prior.gather(1, sets.columns)
+    sub_prior = at_columns * sets.valid
     solved = fit_slot_weights(
-        gather_columns(features, columns, valid) * scale.unsqueeze(-1), (mass - pinned_mass) * scale, sub_prior,
-        *weight_box(sub_prior, bias_range), ridge, steps, relative=False, columns=count,
+        sets.gather(features) * scale.unsqueeze(-1), (mass - pinned_mass) * scale, sub_prior,
+        *weight_box(sub_prior, bias_range), ridge, steps, relative=False, columns=sets.count,
     )
-    return prior.scatter(1, columns, torch.where(valid, solved, at_columns))
+    return prior.scatter(1, sets.columns, torch.where(sets.valid, solved, at_columns))
 
 
 def fit_merged_values(
-    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, merged: torch.Tensor,
+    features: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, prior: torch.Tensor, sets: MergedColumns,
     ridge: float,
 ) -> torch.Tensor:
-    """`fit_slot_values` with every slot outside `merged` keeping its prior value: the ridge correction is
-    solved on the merged columns of the fitted attention only."""
-    count = merged.sum(dim=1)
-    width = int(count.max())
-    if width == 0:
+    """`fit_slot_values` with every slot outside the merged sets keeping its prior value: the ridge
+    correction is solved on the merged columns of the fitted attention only."""
+    if sets.columns.shape[1] == 0:
         return prior
-    columns, valid = leading_columns(merged, width)
     attention = slot_attention(features, weights)
     residual = outputs - attention @ prior
-    correction = ridge_correction(gather_columns(attention, columns, valid), residual, ridge, count)
-    return prior.scatter_add(1, columns.unsqueeze(-1).expand_as(correction), correction * valid.unsqueeze(-1))
+    correction = ridge_correction(sets.gather(attention), residual, ridge, sets.count)
+    index = sets.columns.unsqueeze(-1).expand_as(correction)
+    return prior.scatter_add(1, index, correction * sets.valid.unsqueeze(-1))
 
 
 @dataclass
@@ -251,10 +263,10 @@ class FittedKVMerger(CompressionMethod):
         """The slots' weights, then their values, each fitted on the columns `fit_slots` names: every
         slot (`count` real ones per row), or only the merged sets (size > 1), every single token then
         keeping its own value (both fits) and weight 1 ("merged")."""
-        merged = sizes > 1
+        sets = None if self.fit_slots == "all" else MergedColumns.of(sizes)
         if self.fit_slots == "merged":
             weights = fit_merged_weights(
-                features, targets.mass, prior, merged, self.bias_range, self.bias_ridge, self.nnls_steps
+                features, targets.mass, prior, sets, self.bias_range, self.bias_ridge, self.nnls_steps
             )
         else:
             weights = fit_slot_weights(
@@ -263,7 +275,7 @@ class FittedKVMerger(CompressionMethod):
             )
         if self.fit_slots == "all":
             return weights, fit_slot_values(features, weights, targets.outputs, prior_values, self.ridge, columns=count)
-        return weights, fit_merged_values(features, weights, targets.outputs, prior_values, merged, self.ridge)
+        return weights, fit_merged_values(features, weights, targets.outputs, prior_values, sets, self.ridge)
 
     def compress(self, layer: LayerInput) -> LayerOutput:
         batch, heads, length, dim = layer.keys.shape
