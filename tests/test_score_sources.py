@@ -19,9 +19,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvmerger import compress, compress_prefill, get_method, record_prefill
+from kvmerger.engine import kernels
+from kvmerger.engine import reconstruction as reconstruction_module
 from kvmerger.engine.hf import layer_kinds
 from kvmerger.engine.reconstruction import CARRIED_TOKENS, FIRST_INSTRUCTION, LATER_INSTRUCTION, Reconstruction
-from kvmerger.engine.scoring import LayerScores, largest_attention, pool_finite_scores, pooled_window_attention
+from kvmerger.engine.scoring import LayerScores, largest_attention, largest_probability, pool_finite_scores, pooled_window_attention
 from kvmerger.methods.base import LayerInput
 from tests.conftest import CharTokenizer, build_tiny
 
@@ -173,6 +175,19 @@ def test_expected_attention_matches_kvpress_recipe(tiny, prompt):
 # --------------------------------------------------------------------------------------------
 
 
+def test_largest_probability_matches_a_loop():
+    generator = torch.Generator().manual_seed(2)
+    query, key = torch.randn(1, 6, 7, 8, generator=generator), torch.randn(1, 3, 5, 8, generator=generator)
+    lse = torch.randn(1, 6, 7, generator=generator) + 3
+    got = largest_probability(query, key, 0.5, lse, chunk=3)
+    expected = torch.zeros(1, 3, 5, dtype=torch.float64)
+    for head in range(6):
+        for row in range(7):
+            probabilities = (key[0, head // 2].double() @ query[0, head, row].double() * 0.5 - lse[0, head, row].double()).exp()
+            expected[0, head // 2] = torch.maximum(expected[0, head // 2], probabilities)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_largest_attention_matches_a_loop():
     generator = torch.Generator().manual_seed(1)
     query, key = torch.randn(1, 4, 7, 8, generator=generator), torch.randn(1, 2, 12, 8, generator=generator)
@@ -205,7 +220,14 @@ def capture_states(model, ids):
     return states
 
 
-def test_reconstruction_matches_a_plain_repeat_pass(tiny, prompt):
+@pytest.mark.parametrize("fused", [True, False], ids=["normaliser-from-the-attention", "chunked"])
+def test_reconstruction_matches_a_plain_repeat_pass(tiny, prompt, fused, monkeypatch):
+    """Fused: the repeat pass's own flash passes give each query's normaliser over the chunk (the
+    chunked recomputation must not run); otherwise (no fused kernel) it is recomputed in chunks."""
+    if fused:
+        monkeypatch.setattr(reconstruction_module, "largest_attention", None)  # calling it would fail
+    else:
+        monkeypatch.setattr(kernels, "available", lambda device, dtype: False)
     tokenizer = CharTokenizer()
     prefill = record_prefill(tiny, prompt, tokenizer=tokenizer)
     before = [layer.keys.clone() for layer in prefill.cache.layers]

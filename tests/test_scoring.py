@@ -108,6 +108,26 @@ def test_the_kernel_gives_sdpa_output_bit_for_bit_and_each_rows_log_normaliser(d
     torch.testing.assert_close(lse.double(), logits.logsumexp(dim=-1), rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("part", [[0, 1, 5, 6, 7], [], list(range(9))], ids=["some", "none", "every-past-key"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_appended_attention_returns_the_normaliser_over_a_part_of_the_keys(part, dtype):
+    generator = torch.Generator().manual_seed(12)
+    past, length = 9, 6
+    query = (torch.randn(2, 3, length, 16, generator=generator) * 2).to(dtype)
+    key = (torch.randn(2, 3, past + length, 16, generator=generator) * 2).to(dtype)
+    value = torch.randn(2, 3, past + length, 16, generator=generator).to(dtype)
+    output, lse = kernels.attention_with_part_lse(query, key, value, torch.tensor(part, dtype=torch.long), 0.3)
+    rows = torch.arange(length).unsqueeze(1) + past
+    seen = torch.arange(past + length).unsqueeze(0) <= rows  # every past key, own keys causally
+    logits = (query.double() @ key.double().transpose(-1, -2) * 0.3).masked_fill(~seen, float("-inf"))
+    expected = logits.softmax(dim=-1) @ value.double()
+    in_part = seen & (torch.isin(torch.arange(past + length), torch.tensor(part, dtype=torch.long)) | (torch.arange(past + length) >= past))
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert output.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(output.double(), expected, **tolerance)
+    torch.testing.assert_close(lse.double(), logits.masked_fill(~in_part, float("-inf")).logsumexp(dim=-1), **tolerance)
+
+
 def lse_of(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     group = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(group, dim=1)

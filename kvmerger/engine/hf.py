@@ -411,7 +411,9 @@ def kvmerger_attention(
 
     query: [batch, q_heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]
     (post-RoPE, exactly as the cache returned them). A prompt's prefill that the session compresses
-    runs the same flash kernel as sdpa but keeps each row's log-normaliser for the scoring.
+    runs the same flash kernel as sdpa but keeps each row's log-normaliser for the scoring; tokens
+    appended to a full cache whose session asks for the normaliser over a part of the keys
+    (`Session.normaliser_part`, KVzip's repeat pass) get it from the same flash passes.
     """
     session = active_session()
     layer = session.layer_for(module, key) if session is not None else None
@@ -423,6 +425,15 @@ def kvmerger_attention(
         and _can_keep_lse(module, query, key, value, attention_mask, dropout, kwargs)
     ):
         output, lse = _prefill_attention_with_lse(query, key, value, scaling)
+    elif (
+        layer is not None
+        and not layer.packed
+        and layer.slot_bias is None
+        and (part := session.normaliser_part(module)) is not None
+        and scaling is not None
+        and _can_split_normaliser(module, query, key, value, attention_mask, dropout, kwargs)
+    ):
+        output, lse = _attention_with_part_lse(query, key, value, part, scaling)
     elif layer is not None and layer.packed:
         output = _packed_attention(
             query, key, value, layer.slot_heads, layer.kv_heads, layer.slot_bias, attention_mask, scaling, dropout, kwargs
@@ -464,6 +475,51 @@ def _can_keep_lse(
         and query.dtype == key.dtype == value.dtype
         and kernels.available(query.device, query.dtype)
     )
+
+
+def _can_split_normaliser(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict,
+) -> bool:
+    """Whether sdpa would run plain causal attention of appended tokens over every cached key here.
+
+    That is queries appended to a full (unpadded, unpacked) cache: no mask or exactly the causal
+    one (every cached key, then the own keys up to the query), no dropout, soft-capping or sliding
+    window, on a device and dtype the kernel supports.
+    """
+    length, total = query.shape[-2], key.shape[-2]
+    if not (
+        total > length
+        and dropout == 0.0
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and query.dtype == key.dtype == value.dtype
+        and kernels.available(query.device, query.dtype)
+    ):
+        return False
+    if attention_mask is None:
+        return True
+    if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (length, total):
+        return False
+    rows = torch.arange(length, device=query.device).unsqueeze(1) + (total - length)
+    causal = torch.arange(total, device=query.device).unsqueeze(0) <= rows
+    return bool((attention_mask == causal).all())
+
+
+def _attention_with_part_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, part: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appended tokens' attention in transformers' layout [B, n, Hq, d], and their lse [B, Hq, n] over
+    the cached keys `part` and their own keys (`kernels.attention_with_part_lse`)."""
+    group = query.shape[1] // key.shape[1]
+    output, lse = kernels.attention_with_part_lse(query, repeat_kv(key, group), repeat_kv(value, group), part, scaling)
+    return output.transpose(1, 2).contiguous(), lse
 
 
 def _prefill_attention_with_lse(

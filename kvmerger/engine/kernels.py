@@ -52,3 +52,36 @@ def masked_attention_with_lse(
     if allowed is not None:  # the kernel takes the mask as logits added in the query's dtype
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -1e30)
     return _flash_op()(query, key, value, 0.0, False, attn_mask=additive, scale=scaling)
+
+
+def attention_with_part_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, part: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of n appended queries, and each row's log-normaliser over a part of its keys only.
+
+    query: [B, H, n, d]; key, value: [B, H, P + n, d] (same heads): P past keys, which every query
+    sees, then the queries' own keys (causal: query i sees own keys 0..i). `part`: indices of past
+    keys. Returns output [B, H, n, d] in the inputs' dtype, the attention over all P + n keys, and
+    lse [B, H, n] float32 over the `part` keys and the own keys.
+
+    It runs as up to three flash passes without a mask (the part, the rest of the past, the own keys
+    causally) joined by their log-normalisers: the same work as one pass over every key, and the
+    part's normaliser comes with it (KVzip's reconstruction score needs it, engine.reconstruction).
+    """
+    length = query.shape[-2]
+    past = key.shape[-2] - length
+    outside = torch.ones(past, dtype=torch.bool, device=key.device)
+    outside[part] = False
+    rest = outside.nonzero().squeeze(-1)
+
+    def over(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flash_op()(query, key.index_select(-2, index), value.index_select(-2, index), 0.0, False, scale=scaling)
+
+    own = _flash_op()(query, key[..., past:, :], value[..., past:, :], 0.0, True, scale=scaling)
+    part_pass = [over(part)] if part.numel() else []
+    rest_pass = [over(rest)] if rest.numel() else []
+    pieces = [own, *part_pass, *rest_pass]
+    part_lse = torch.logsumexp(torch.stack([lse for _, lse in [own, *part_pass]]), dim=0)
+    total = torch.logsumexp(torch.stack([lse for _, lse in pieces]), dim=0)
+    output = sum(piece.float() * (lse - total).exp().unsqueeze(-1) for piece, lse in pieces)
+    return output.to(query.dtype), part_lse.float()

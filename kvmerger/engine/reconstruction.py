@@ -29,9 +29,14 @@ Our choices:
   attention-matching fits may take them as reference queries (the paper's "repeat-prefill" queries,
   arXiv 2602.16284). Each of them has seen the whole prompt.
 * Cost: one more forward pass over the prompt (plus a few dozen instruction tokens per chunk) on
-  top of the full cache and, per layer, one pass of the chunk's queries over (sinks + chunk + own)
-  keys: measured 4.0 / 3.1 prefills at 2k / 8k tokens on the default model, fp32, 2 CPU cores
-  (docs/BENCHMARKS.md section 9), above the 2-3 the paper reports.
+  top of the full cache. Where `kernels.available`, each layer's attention over the cache runs as
+  flash passes over the sinks and the chunk, over the rest of the cache and over the own keys
+  (`kernels.attention_with_part_lse`): the same output, and each query's normaliser over the
+  score's keys comes with it, so a score is one product over the chunk's keys and a max
+  (`scoring.largest_probability`). Measured 2.2 / 2.0 prefills at 2k / 8k tokens on the default
+  model, fp32, 2 CPU cores (docs/BENCHMARKS.md section 9), within the 2-3 the paper reports; it
+  was 3.2-3.5 / 3.0 when the normalisers were recomputed in float32 chunks (`largest_attention`,
+  still the path on other devices).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmerger.engine.hf import CompressedCache, install_session, is_compressed, restorer
-from kvmerger.engine.scoring import SINK_TOKENS, largest_attention
+from kvmerger.engine.scoring import SINK_TOKENS, largest_attention, largest_probability
 from kvmerger.engine.session import Session
 
 CHUNK_TOKENS = 2048  # the reference code's chunk size
@@ -133,6 +138,11 @@ class Reconstruction:
     def length(self) -> int:
         return self.prompt_ids.shape[-1]
 
+    @property
+    def sinks(self) -> int:
+        """Prompt tokens at the start that are never repeated and always kept."""
+        return min(self.sink_tokens, self.length - 1)
+
     def scores(self, layer_idx: int) -> torch.Tensor:
         """[B, Hkv, T] float32: the largest attention each prompt key received while repeating (sinks +inf)."""
         self.run()
@@ -151,7 +161,7 @@ class Reconstruction:
         if any(layer.compressed_slots for layer in compressed.values()):
             raise ValueError("the reconstruction pass needs the prompt's full, uncompressed cache")
         prompt = RepeatPrompt.for_tokenizer(self.tokenizer if self.tokenizer is not None else load_tokenizer(self.model))
-        sinks = min(self.sink_tokens, self.length - 1)
+        sinks = self.sinks
         chunks = chunk_bounds(self.length, sinks, self.chunk_tokens)
         batch, kv_heads = next(iter(compressed.values())).keys.shape[:2]
         self._scores = {}
@@ -195,11 +205,19 @@ class _RepeatSession(Session):
         self.owner = owner
         self.chunk: tuple[int, int, int, torch.Tensor] = (0, 0, 0, torch.empty(0, dtype=torch.long))
 
+    def normaliser_part(self, module: torch.nn.Module) -> torch.Tensor:
+        """The sinks and the chunk being repeated: with the own keys, what each score's softmax spans."""
+        first, last = self.chunk[:2]
+        return torch.cat([torch.arange(self.owner.sinks), torch.arange(first, last)]).to(self.owner.prompt_ids.device)
+
     def after_attention(self, layer, module, query, key, value, scaling, lse=None) -> None:
         first, last, head, kept = self.chunk
-        sinks = min(self.owner.sink_tokens, self.owner.length - 1)
-        own = query.shape[2]
-        keys = torch.cat([key[:, :, :sinks], key[:, :, first:last], key[:, :, key.shape[2] - own :]], dim=2)
-        scores = largest_attention(query, keys, scaling, sinks + last - first, slice(sinks, sinks + last - first))
+        if lse is not None:  # the attention's flash passes gave each query's normaliser over the part
+            scores = largest_probability(query, key[:, :, first:last], scaling, lse)
+        else:
+            sinks = self.owner.sinks
+            own = query.shape[2]
+            keys = torch.cat([key[:, :, :sinks], key[:, :, first:last], key[:, :, key.shape[2] - own :]], dim=2)
+            scores = largest_attention(query, keys, scaling, sinks + last - first, slice(sinks, sinks + last - first))
         self.owner._scores[module.layer_idx][..., first:last] = scores
         self.owner._queries[module.layer_idx].append(query[:, :, head + kept.to(query.device)])

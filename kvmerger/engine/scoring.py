@@ -323,24 +323,48 @@ def largest_attention(
     query: [B, Hq, n, d]; key: [B, Hkv, visible + n, d]: every query sees the first `visible` keys,
     and query i the queries' own keys 0..i (causal). Returns [B, Hkv, len(targets)] float32 for the
     keys `targets` (a slice within the visible ones). Works in chunks of `chunk` queries, so the
-    largest intermediate is [B, Hq, chunk, visible + n] (KVzip's reconstruction score).
+    largest intermediate is [B, Hq, chunk, visible + n] (KVzip's reconstruction score; the
+    reconstruction pass gets the log-normalisers from its own attention where `kernels.available`,
+    and calls `largest_probability` alone).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
     keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, K]
-    first, last = targets.indices(visible)[:2]
-    best = torch.zeros(batch, kv_heads, last - first, dtype=torch.float32, device=key.device)
+    normalisers = []
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
         logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., : visible + end])  # [B, Hkv, g, c, K']
         rows = torch.arange(start, end, device=key.device).unsqueeze(1)
         future = torch.arange(end, device=key.device).unsqueeze(0) > rows  # own keys after the query
         logits[..., visible:].masked_fill_(future, float("-inf"))
-        probabilities = (logits[..., first:last] - logits.logsumexp(dim=-1, keepdim=True)).exp()
-        best = torch.maximum(best, probabilities.amax(dim=(2, 3)))
-    return best
+        normalisers.append(logits.logsumexp(dim=-1))
+    lse = torch.cat(normalisers, dim=-1).view(batch, q_heads, length)
+    return largest_probability(query, key[:, :, targets], scaling, lse, chunk)
+
+
+def largest_probability(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, lse: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """max over queries i and the query heads of each key's group of exp(s q_i.k_j - lse_i). [B, Hkv, K].
+
+    query: [B, Hq, n, d]; key: [B, Hkv, K, d], keys every query sees; lse: [B, Hq, n], each query's
+    log-normaliser. The exponent is one matrix product (the scaled queries extended by -lse, the
+    keys by 1) and a running max over chunks of `chunk` queries; only the K results are exponentiated.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    extended_queries = torch.cat([query.float() * scaling, -lse.float().unsqueeze(-1)], dim=-1)
+    extended_queries = extended_queries.view(batch, kv_heads, group, length, dim + 1)
+    extended_keys = torch.cat([key.float(), key.new_ones(*key.shape[:-1], 1, dtype=torch.float32)], dim=-1)
+    keys_t = extended_keys.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d + 1, K]
+    best = torch.full((batch, kv_heads, key.shape[-2]), -math.inf, device=key.device)
+    for start in range(0, length, chunk):
+        log_probabilities = torch.matmul(extended_queries[:, :, :, start : start + chunk], keys_t)
+        best = torch.maximum(best, log_probabilities.amax(dim=(2, 3)))
+    return best.exp()
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:

@@ -198,6 +198,11 @@ class Session:
             )
         return layer
 
+    def normaliser_part(self, module: torch.nn.Module) -> torch.Tensor | None:
+        """Indices of the cached keys over which this layer's attention should also return each
+        appended query's log-normaliser (with the queries' own keys), or None for none."""
+        return None
+
     def after_attention(
         self,
         layer: CompressedLayer,
@@ -208,7 +213,8 @@ class Session:
         scaling: float,
         lse: torch.Tensor | None = None,
     ) -> None:
-        """`lse`: the prefill rows' log-normalisers [B, Hq, T] when the attention kept them."""
+        """`lse`: the log-normalisers [B, Hq, n] the attention kept, if any: the prefill rows', or
+        the appended rows' over `normaliser_part`."""
         if layer.prefill_pending:
             layer.prefill_pending = False
             self.on_prefill(layer, module.layer_idx, PrefillAttention(query, key, value, scaling, lse))
