@@ -7,7 +7,8 @@ baselines of docs/METHOD.md section 4 (StreamingLLM, H2O, CaM, SnapKV, TOVA, K-n
 KVzip and Expected Attention, at budgets 0.5 and 0.35, under both protocols. What costs time is one
 prefill per sample (about 2 s at 1k tokens, 4.4 s at 2k and 11 s at 4k on that VM), one pass of
 attention statistics per sample (shared by every method through the memo), KVzip's reconstruction
-(about 2.4 prefills per sample, shared by the methods that use it), the fitted merge's
+(shared by the methods that use it: 3-4 prefills per sample when the suite was sized below, about
+2 since 2026-12-02, docs/BENCHMARKS.md section 9), the fitted merge's
 least-squares fits, then per method and budget a compression (0.02-0.5 s) and the answer's
 decoding (about 50 ms per token). So the sample count matters more than the method count. With
 the methods of issue 12 a sample group cost 65 s (pass key at 2k), 45 / 76 / 131 s (needle at 1k /

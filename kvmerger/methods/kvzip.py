@@ -28,8 +28,9 @@ Choices:
 * Grouped-query attention: the maximum is also taken over the query heads of the group, as the
   reference does.
 * Ties go to the later token (`top_indices`).
-* Cost: one more forward pass over the prompt and a scoring pass per layer (see
-  engine.reconstruction): 3-4 prefills measured here, 2-3 in the reference's report.
+* Cost: one more forward pass over the prompt, whose attention also gives the scores'
+  normalisers (see engine.reconstruction): 2.0-2.2 prefills measured here, 2-3 in the
+  reference's report.
 * During generation (engine option ``hold_budget=True``): KVzip compresses the prompt once and
   defines no rule, so the engine's default applies (H2O's eviction by accumulated attention).
 """
