@@ -431,7 +431,7 @@ def kvmerger_attention(
         and layer.slot_bias is None
         and (part := session.normaliser_part(module)) is not None
         and scaling is not None
-        and _can_split_normaliser(module, query, key, value, attention_mask, dropout, kwargs)
+        and _can_split_normaliser(query, key, value, attention_mask, dropout, kwargs)
     ):
         output, lse = _attention_with_part_lse(query, key, value, part, scaling)
     elif layer is not None and layer.packed:
@@ -466,11 +466,21 @@ def _can_keep_lse(
     """
     return (
         attention_mask is None
-        and dropout == 0.0
         and (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)) is True
+        and query.shape[-2] == key.shape[-2] > 1
+        and _plain_softmax_on_kernel(query, key, value, dropout, kwargs)
+    )
+
+
+def _plain_softmax_on_kernel(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, kwargs: dict
+) -> bool:
+    """No dropout, soft-capping or sliding window, equal head sizes and dtypes, on a device and dtype
+    the flash kernel supports: what both lse-keeping paths need beyond their masks."""
+    return (
+        dropout == 0.0
         and kwargs.get("softcap") is None
         and kwargs.get("sliding_window") is None
-        and query.shape[-2] == key.shape[-2] > 1
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and query.dtype == key.dtype == value.dtype
         and kernels.available(query.device, query.dtype)
@@ -478,13 +488,8 @@ def _can_keep_lse(
 
 
 def _can_split_normaliser(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    kwargs: dict,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    dropout: float, kwargs: dict,
 ) -> bool:
     """Whether sdpa would run plain causal attention of appended tokens over every cached key here.
 
@@ -493,15 +498,7 @@ def _can_split_normaliser(
     window, on a device and dtype the kernel supports.
     """
     length, total = query.shape[-2], key.shape[-2]
-    if not (
-        total > length
-        and dropout == 0.0
-        and kwargs.get("softcap") is None
-        and kwargs.get("sliding_window") is None
-        and query.shape[-1] == key.shape[-1] == value.shape[-1]
-        and query.dtype == key.dtype == value.dtype
-        and kernels.available(query.device, query.dtype)
-    ):
+    if not (total > length and _plain_softmax_on_kernel(query, key, value, dropout, kwargs)):
         return False
     if attention_mask is None:
         return True
