@@ -75,9 +75,9 @@ def attention_with_part_lse(
     rest = outside.nonzero().squeeze(-1)
 
     def over(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _flash_op()(query, key.index_select(-2, index), value.index_select(-2, index), 0.0, False, scale=scaling)
+        return masked_attention_with_lse(query, key.index_select(-2, index), value.index_select(-2, index), None, scaling)
 
-    own = _flash_op()(query, key[..., past:, :], value[..., past:, :], 0.0, True, scale=scaling)
+    own = causal_attention_with_lse(query, key[..., past:, :], value[..., past:, :], scaling)
     part_pass = [over(part)] if part.numel() else []
     rest_pass = [over(rest)] if rest.numel() else []
     pieces = [own, *part_pass, *rest_pass]

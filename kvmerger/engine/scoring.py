@@ -332,16 +332,17 @@ def largest_attention(
     group = q_heads // kv_heads
     grouped = (query.float() * scaling).view(batch, kv_heads, group, length, dim)
     keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, K]
-    normalisers = []
+    first, last = targets.indices(visible)[:2]
+    best = torch.zeros(batch, kv_heads, last - first, dtype=torch.float32, device=key.device)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
         logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., : visible + end])  # [B, Hkv, g, c, K']
         rows = torch.arange(start, end, device=key.device).unsqueeze(1)
         future = torch.arange(end, device=key.device).unsqueeze(0) > rows  # own keys after the query
         logits[..., visible:].masked_fill_(future, float("-inf"))
-        normalisers.append(logits.logsumexp(dim=-1))
-    lse = torch.cat(normalisers, dim=-1).view(batch, q_heads, length)
-    return largest_probability(query, key[:, :, targets], scaling, lse, chunk)
+        probabilities = (logits[..., first:last] - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        best = torch.maximum(best, probabilities.amax(dim=(2, 3)))
+    return best
 
 
 def largest_probability(
