@@ -28,6 +28,7 @@ import paired_kl  # noqa: E402
 import share_of_full  # noqa: E402
 import estimate_agreement  # noqa: E402
 import statistic_agreement  # noqa: E402
+import statistic_control  # noqa: E402
 import throughput  # noqa: E402
 
 from kvmerger import compress_prefill, get_method, record_prefill  # noqa: E402
@@ -653,3 +654,56 @@ def test_paired_kl_differences_window_by_window_against_the_reference(tmp_path, 
     assert "| fitted | 0.35 | 0.1867 | 0.2000 | -0.0133 +- " in capsys.readouterr().out
     assert paired_kl.main([str(run), "--reference", "snapkv"]) == 2
     assert "the runs' methods: fitted, h2o" in capsys.readouterr().err
+
+
+def test_dropped_above_cut_reports_how_far_above_the_cut_the_dropped_tokens_were():
+    exact = torch.tensor([[[8.0, 4.0, 3.0, 2.0, 1.0]]])  # top 2: 8 and 4, cut 4
+    assert estimate_agreement.dropped_above_cut([exact.clone()], [exact], 0.4).numel() == 0
+    near_cut = torch.tensor([[[8.0, 2.9, 3.0, 2.0, 1.0]]])  # swaps 4 for 3
+    assert estimate_agreement.dropped_above_cut([near_cut], [exact], 0.4).tolist() == [1.0]
+    missed = torch.tensor([[[0.5, 4.0, 3.0, 2.0, 1.0]]])  # loses the token at twice the cut
+    assert estimate_agreement.dropped_above_cut([missed], [exact], 0.4).tolist() == [2.0]
+    assert estimate_agreement.relative_l1([missed], [exact]) == pytest.approx(7.5 / 18)
+
+
+# --------------------------------------------------------------------------------------------
+# statistic_control.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_statistic_control_parses_and_refuses_bad_controls(tmp_path):
+    assert statistic_control.parse_control("scaled:0.5") == ("scaled", 0.5)
+    assert statistic_control.parse_control("lognormal:0.064") == ("lognormal", 0.064)
+    for bad in ("scaled", "noise:1", "scaled:-1", "lognormal:nan"):
+        with pytest.raises(ValueError):
+            statistic_control.parse_control(bad)
+    assert statistic_control.main(["--control", "scaled:1", "--", "eval", "--tasks", "lm"]) == 2  # no --out
+    (tmp_path / "records.jsonl").write_text("{}\n")
+    assert statistic_control.main(["--control", "scaled:1", "--", "eval", "--out", str(tmp_path)]) == 2
+
+
+def test_statistic_control_scales_the_estimates_error_and_draws_unbiased_noise():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16)
+    from kvmerger.engine import kernels, scoring
+
+    _, lse = kernels.causal_attention_with_lse(query, key.repeat_interleave(2, 1), key.repeat_interleave(2, 1), 0.25)
+    exact = scoring.aggregated_attention_from_lse(query, key, lse, 0.25)
+    estimate = scoring.aggregated_attention_estimated(query, key, 0.25, lse, stride=16, band=32, last=20)
+    shape = dict(stride=16, band=32, last=20)
+    for factor, expected in ((0.0, exact), (1.0, estimate), (0.5, (exact + estimate) / 2)):
+        control = statistic_control.controlled_estimate("scaled", factor)(query, key, 0.25, lse, **shape)
+        torch.testing.assert_close(control, expected, rtol=1e-5, atol=1e-7)
+    noisy = statistic_control.controlled_estimate("lognormal", 0.1)(query, key, 0.25, lse, **shape)
+    torch.testing.assert_close(noisy, statistic_control.lognormal_noise(exact, 0.1))  # the same draw every time
+    assert estimate_agreement.relative_l1([noisy], [exact]) == pytest.approx(0.1 * (2 / torch.pi) ** 0.5, rel=0.15)
+    many = torch.stack([statistic_control.lognormal_noise(exact * (1 + 1e-6 * i), 0.3) for i in range(2000)])
+    # unbiased: E exp(s e - s^2 / 2) = 1; without the - s^2 / 2 the mean would be 4.6% high
+    assert float(((many.mean(0) - exact) / exact).abs().mean()) < 0.015
+
+
+def test_drop_summary_describes_the_tail_of_the_dropped_tokens():
+    summary = estimate_agreement.drop_summary(torch.tensor([1.0, 1.2, 4.0, 1.1]))
+    assert summary["dropped"] == 4 and summary["max"] == 4.0 and summary["above_1.5"] == 0.25
+    assert "max 4.0" in estimate_agreement.describe_drops(summary)
+    assert estimate_agreement.describe_drops(estimate_agreement.drop_summary(torch.tensor([]))) == "none dropped"
