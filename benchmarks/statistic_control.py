@@ -72,9 +72,12 @@ def controlled_estimate(kind: str, value: float, estimate: Callable = scoring.ag
 
 
 def out_folder(kvmerger_args: list[str]) -> Path:
-    if "--out" not in kvmerger_args or kvmerger_args.index("--out") + 1 >= len(kvmerger_args):
+    given = [arg.split("=", 1)[1] for arg in kvmerger_args if arg.startswith("--out=")]
+    if "--out" in kvmerger_args and kvmerger_args.index("--out") + 1 < len(kvmerger_args):
+        given.append(kvmerger_args[kvmerger_args.index("--out") + 1])
+    if not given:
         raise ValueError("give kvmerger a fresh --out folder: the control is recorded there")
-    folder = Path(kvmerger_args[kvmerger_args.index("--out") + 1])
+    folder = Path(given[-1])
     if (folder / "records.jsonl").exists() and not (folder / "control.json").exists():
         raise ValueError(f"{folder} already holds records made without a control; use a fresh folder")
     return folder
