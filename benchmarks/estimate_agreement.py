@@ -105,17 +105,18 @@ def describe_drops(summary: dict) -> str:
     )
 
 
-def error_structure(estimates: list[torch.Tensor], exacts: list[torch.Tensor], budgets: list[float], length: int) -> dict:
-    """`drop_summary` for the estimate and for unbiased lognormal noise of the same relative L1 error
-    (`statistic_control.lognormal_noise`), at each budget; printed and returned."""
-    error = relative_l1(estimates, exacts)
+def error_structure(
+    estimates: list[torch.Tensor], exacts: list[torch.Tensor], error: float, budgets: list[float], length: int
+) -> dict:
+    """`drop_summary` for the estimate (relative L1 error `error`) and for unbiased lognormal noise of
+    the same error (`statistic_control.lognormal_noise`), at each budget; printed and returned."""
     noisy = [lognormal_noise(exact, error * math.sqrt(math.pi / 2)) for exact in exacts]
+    errors = {"estimate": error, "lognormal": relative_l1(noisy, exacts)}
     found = {}
     for budget in budgets:
         for name, scores in (("estimate", estimates), ("lognormal", noisy)):
-            summary = drop_summary(dropped_above_cut(scores, exacts, budget))
-            summary["relative_l1"] = relative_l1(scores, exacts)
-            print(f"{length:>6}   top {budget} by {name} (relative L1 {summary['relative_l1']:.4f}): {describe_drops(summary)}")
+            summary = drop_summary(dropped_above_cut(scores, exacts, budget)) | {"relative_l1": errors[name]}
+            print(f"{length:>6}   top {budget} by {name} (relative L1 {errors[name]:.4f}): {describe_drops(summary)}")
             found[f"{name}@{budget}"] = summary
     return found
 
@@ -172,9 +173,11 @@ def main(argv: list[str] | None = None) -> None:
                 if repeat == 0:
                     worst = max(float(((e - x).abs() / x.clamp_min(1e-30)).max()) for e, x in zip(estimates, exacts))
                     shares = same_share(prefill, methods, estimates, exacts)
+                    error = relative_l1(estimates, exacts)
+                    drops = error_structure(estimates, exacts, error, args.budgets, length)
                     results.append(
                         {"length": length, "band": band, "rows": rows, "stride": stride, "max_relative_error": worst, "same": shares,
-                         "relative_l1": relative_l1(estimates, exacts), "drops": error_structure(estimates, exacts, args.budgets, length)}
+                         "relative_l1": error, "drops": drops}
                     )
         for row in results:
             if row["length"] == length:

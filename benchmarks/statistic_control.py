@@ -71,14 +71,18 @@ def controlled_estimate(kind: str, value: float, estimate: Callable = scoring.ag
     return control
 
 
-def out_folder(kvmerger_args: list[str]) -> Path:
+def out_folder(kvmerger_args: list[str], control: str) -> Path:
+    """kvmerger's --out folder, refused if it holds records made without this control."""
     given = [arg.split("=", 1)[1] for arg in kvmerger_args if arg.startswith("--out=")]
     if "--out" in kvmerger_args and kvmerger_args.index("--out") + 1 < len(kvmerger_args):
         given.append(kvmerger_args[kvmerger_args.index("--out") + 1])
     if not given:
         raise ValueError("give kvmerger a fresh --out folder: the control is recorded there")
     folder = Path(given[-1])
-    if (folder / "records.jsonl").exists() and not (folder / "control.json").exists():
+    recorded = folder / "control.json"
+    if recorded.exists() and json.loads(recorded.read_text())["control"] != control:
+        raise ValueError(f"{folder} holds records of another control")
+    if (folder / "records.jsonl").exists() and not recorded.exists():
         raise ValueError(f"{folder} already holds records made without a control; use a fresh folder")
     return folder
 
@@ -91,16 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     try:
         kind, value = parse_control(args.control)
-        folder = out_folder(kvmerger_args)
+        folder = out_folder(kvmerger_args, args.control)
     except ValueError as error:
         print(f"statistic_control: {error}", file=sys.stderr)
         return 2
     folder.mkdir(parents=True, exist_ok=True)
-    recorded = {"control": args.control, "kvmerger": kvmerger_args}
-    if (folder / "control.json").exists() and json.loads((folder / "control.json").read_text())["control"] != args.control:
-        print(f"statistic_control: {folder} holds records of another control", file=sys.stderr)
-        return 2
-    (folder / "control.json").write_text(json.dumps(recorded, indent=2) + "\n")
+    (folder / "control.json").write_text(json.dumps({"control": args.control, "kvmerger": kvmerger_args}, indent=2) + "\n")
     print(f"# statistic=estimated replaced by the control {args.control}", flush=True)
     scoring.aggregated_attention_estimated = controlled_estimate(kind, value)
     from kvmerger.cli.main import main as kvmerger_main

@@ -678,7 +678,7 @@ def test_statistic_control_parses_and_refuses_bad_controls(tmp_path):
         with pytest.raises(ValueError):
             statistic_control.parse_control(bad)
     assert statistic_control.main(["--control", "scaled:1", "--", "eval", "--tasks", "lm"]) == 2  # no --out
-    assert statistic_control.out_folder(["eval", f"--out={tmp_path}"]) == tmp_path
+    assert statistic_control.out_folder(["eval", f"--out={tmp_path}"], "scaled:1") == tmp_path
     (tmp_path / "records.jsonl").write_text("{}\n")
     assert statistic_control.main(["--control", "scaled:1", "--", "eval", "--out", str(tmp_path)]) == 2
 
